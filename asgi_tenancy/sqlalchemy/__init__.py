@@ -3,4 +3,15 @@
 Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never does.
 """
 
-__all__: list[str] = []
+from .binding import TenantBoundSession
+from .database import TenantDatabase
+from .rls import Finding, RowLevelSecurity
+from .strategy import IsolationStrategy
+
+__all__ = [
+    "Finding",
+    "IsolationStrategy",
+    "RowLevelSecurity",
+    "TenantBoundSession",
+    "TenantDatabase",
+]

@@ -1,0 +1,158 @@
+"""How a session's transactions get their tenant, and the checks that keep them on it.
+
+- ``TenantBoundSession`` refuses every operation outside the scope of the tenant it was opened
+  for, identity-map hits included, so a session can never serve another tenant's request.
+- At the start of every transaction of such a session (the first, and each one after a commit or
+  a rollback) ``after_begin`` hands the strategy's binding SQL to the connection: on asyncpg it
+  travels inside the BEGIN message (no extra round trip); on other drivers it is executed.
+- A per-statement guard compares the tenant the connection's transaction was bound to with the
+  current scope, and refuses the statement when they differ (defence in depth).
+- When a connection goes back to the pool, whatever binding it carried is forgotten.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from ..context import current_tenant_or_none
+from ..errors import SessionTenantMismatch
+
+__all__ = ["TenantBoundSession", "install_engine_hooks"]
+
+TENANT_KEY = "asgi_tenancy.tenant"  # Session.info: id of the tenant the session belongs to
+BINDING_KEY = "asgi_tenancy.binding"  # Session.info: SQL binding each transaction, or None
+BOUND_KEY = "asgi_tenancy.bound"  # connection info: tenant id of the open bound transaction
+_hooked: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _check_scope(expected: str | None) -> None:
+    current = current_tenant_or_none()
+    if expected is None or current is None or current.id != expected:
+        raise SessionTenantMismatch(
+            "this session or connection belongs to another tenant scope, or its scope has ended"
+        )
+
+
+class TenantBoundSession(Session):
+    """A Session tied to one tenant: outside that tenant's scope every operation raises."""
+
+    def _tenancy_check(self) -> None:
+        _check_scope(self.info.get(TENANT_KEY))
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        self._tenancy_check()
+        return super().execute(*args, **kwargs)
+
+    def scalars(self, *args: Any, **kwargs: Any) -> Any:
+        self._tenancy_check()
+        return super().scalars(*args, **kwargs)
+
+    def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        self._tenancy_check()
+        return super().scalar(*args, **kwargs)
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        self._tenancy_check()
+        return super().get(*args, **kwargs)
+
+    def get_one(self, *args: Any, **kwargs: Any) -> Any:
+        self._tenancy_check()
+        return super().get_one(*args, **kwargs)
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        self._tenancy_check()
+        super().add(*args, **kwargs)
+
+    def add_all(self, *args: Any, **kwargs: Any) -> None:
+        self._tenancy_check()
+        super().add_all(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> None:
+        self._tenancy_check()
+        super().delete(*args, **kwargs)
+
+    def merge(self, *args: Any, **kwargs: Any) -> Any:
+        self._tenancy_check()
+        return super().merge(*args, **kwargs)
+
+    def refresh(self, *args: Any, **kwargs: Any) -> None:
+        self._tenancy_check()
+        super().refresh(*args, **kwargs)
+
+    def flush(self, *args: Any, **kwargs: Any) -> None:
+        self._tenancy_check()
+        super().flush(*args, **kwargs)
+
+    def connection(self, *args: Any, **kwargs: Any) -> Connection:
+        self._tenancy_check()
+        return super().connection(*args, **kwargs)
+
+
+@event.listens_for(TenantBoundSession, "after_begin")
+def _bind_transaction(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    tenant_id = session.info[TENANT_KEY]
+    _check_scope(tenant_id)
+    connection.info[BOUND_KEY] = tenant_id
+    binding: str | None = session.info.get(BINDING_KEY)
+    if binding is None:
+        return
+    driver = connection.connection.driver_connection
+    set_pending = getattr(driver, "set_pending_binding", None)
+    if set_pending is not None:
+        set_pending(binding)  # travels inside the BEGIN message: no round trip of its own
+    else:
+        connection.exec_driver_sql(binding)
+
+
+def _guard_statement(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    bound = conn.info.get(BOUND_KEY)
+    if bound is not None:
+        _check_scope(bound)
+
+
+def _forget_binding(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info.pop(BOUND_KEY, None)
+    set_pending = getattr(
+        getattr(dbapi_connection, "driver_connection", None), "set_pending_binding", None
+    )
+    if set_pending is not None:
+        set_pending(None)
+
+
+def _use_tenancy_connection(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    from ._asyncpg import TenancyConnection
+
+    current = cparams.get("connection_class")
+    if current is None:
+        cparams["connection_class"] = TenancyConnection
+    elif not issubclass(current, TenancyConnection):
+        # The application's own class: bindings fall back to one statement per transaction.
+        return
+
+
+def install_engine_hooks(engine: AsyncEngine) -> None:
+    """Guard every statement of ``engine`` and clear bindings on check-in (idempotent)."""
+    sync_engine = engine.sync_engine
+    if sync_engine in _hooked:
+        return
+    event.listen(sync_engine, "before_cursor_execute", _guard_statement)
+    event.listen(sync_engine.pool, "checkin", _forget_binding)
+    if sync_engine.dialect.driver == "asyncpg":
+        event.listen(sync_engine, "do_connect", _use_tenancy_connection)
+    _hooked.add(sync_engine)
