@@ -1,9 +1,10 @@
-"""RowLevelSecurity against a real PostgreSQL, as a role that is not superuser, BYPASSRLS or owner."""
+"""RowLevelSecurity on a real PostgreSQL, as a role that is not superuser, BYPASSRLS or owner."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import contextvars
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, insert, select, text, update
@@ -40,9 +41,9 @@ async def _set_up(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def rls_database(pg_database: PgDatabase) -> Iterator[PgDatabase]:
+def rls_database(pg_database: PgDatabase) -> PgDatabase:
     asyncio.run(_set_up(pg_database.admin_url))
-    yield pg_database
+    return pg_database
 
 
 @pytest.fixture
@@ -97,8 +98,8 @@ async def test_update_of_another_tenants_key_changes_nothing(
 
 async def test_forged_insert_is_rejected(db: TenantDatabase, admin_engine: AsyncEngine) -> None:
     async with tenant_scope(ACME), db.session() as s:
+        s.add(Project(tenant_id="globex", id=99, name="forged"))
         with pytest.raises(TenantContextError):
-            s.add(Project(tenant_id="globex", id=99, name="forged"))
             await s.flush()
     async with tenant_scope(ACME), db.session() as s:
         with pytest.raises(DBAPIError, match="row-level security"):
@@ -148,7 +149,7 @@ async def test_session_used_in_another_scope_or_after_its_own_raises(db: TenantD
                 with pytest.raises(SessionTenantMismatch):
                     await leaked.execute(select(Project))
 
-        await asyncio.create_task(other(), context=__import__("contextvars").Context())
+        await asyncio.create_task(other(), context=contextvars.Context())
     with pytest.raises(SessionTenantMismatch):
         await leaked.execute(select(Project))
 
