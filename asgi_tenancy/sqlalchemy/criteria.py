@@ -11,12 +11,26 @@ from typing import Any
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, with_loader_criteria
 
-from ..errors import TenantContextError
+from ..errors import IsolationConfigError, TenantContextError
 from .binding import TENANT_KEY, TenantBoundSession
 
 __all__ = ["CRITERIA_KEY", "TenantCriteria"]
 
 CRITERIA_KEY = "asgi_tenancy.criteria"  # Session.info: the TenantCriteria of the session
+
+# mapper -> attribute key of its tenant column. Read by the criteria lambda through a global, so
+# SQLAlchemy's lambda caching tracks only the tenant id (a bound parameter), never the key.
+# Bounded by the number of mapped classes.
+_TENANT_ATTRS: dict[Mapper[Any], str] = {}
+
+
+def _tenant_attr(cls: Any) -> Any:
+    return getattr(cls, _TENANT_ATTRS[cls.__mapper__])
+
+
+def _register(mapper: Mapper[Any], key: str) -> None:
+    if _TENANT_ATTRS.setdefault(mapper, key) != key:
+        raise IsolationConfigError("a mapped class cannot have two different tenant columns")
 
 
 class TenantCriteria:
@@ -43,6 +57,8 @@ class TenantCriteria:
                     seen.add(m)
                     todo.extend(rel.mapper for rel in m.relationships)
             found = tuple(m for m in seen if self.is_tenant_mapper(m))
+            for m in found:
+                _register(m, m.get_property_by_column(m.columns[self.tenant_column]).key)
             self._reach[mapper] = found
         return found
 
@@ -56,9 +72,7 @@ class TenantCriteria:
             return
         options = [
             with_loader_criteria(
-                m.class_,
-                m.columns[self.tenant_column] == tenant_id,
-                include_aliases=True,
+                m.class_, lambda cls: _tenant_attr(cls) == tenant_id, include_aliases=True
             )
             for m in sorted(mappers, key=lambda m: m.class_.__qualname__)
         ]

@@ -213,8 +213,8 @@ $tenancy$"""
         policies = (
             await conn.execute(
                 text(
-                    "SELECT polname, polcmd, polpermissive, polqual IS NOT NULL AS has_using,"
-                    " polwithcheck IS NOT NULL AS has_check"
+                    "SELECT polname, polcmd::text AS polcmd, polpermissive,"
+                    " polqual IS NOT NULL AS has_using, polwithcheck IS NOT NULL AS has_check"
                     " FROM pg_policy WHERE polrelid = to_regclass(:name)"
                 ),
                 {"name": name},

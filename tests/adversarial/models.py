@@ -45,16 +45,16 @@ class Currency(Base):
     code: Mapped[str] = mapped_column(String(3), primary_key=True)
 
 
-def seed_rows() -> dict[str, list[dict[str, object]]]:
+def seed_rows(tenants: tuple[str, ...] = TENANTS) -> dict[str, list[dict[str, object]]]:
     """The same ids for every tenant; names carry the owner so a leak is visible."""
     projects = [
         {"tenant_id": t, "id": i, "name": f"{t}-project-{i}"}
-        for t in TENANTS
+        for t in tenants
         for i in range(1, ROWS_PER_TENANT + 1)
     ]
     tasks = [
         {"tenant_id": t, "id": i, "project_id": (i % 5) + 1, "title": f"{t}-task-{i}"}
-        for t in TENANTS
+        for t in tenants
         for i in range(1, ROWS_PER_TENANT + 1)
     ]
     return {"projects": projects, "tasks": tasks, "currencies": [{"code": "EUR"}, {"code": "USD"}]}

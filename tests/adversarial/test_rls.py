@@ -7,9 +7,11 @@ import contextvars
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import Column, MetaData, String, Table, delete, func, insert, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import joinedload, selectinload
 
 from asgi_tenancy import (
     IsolationConfigError,
@@ -20,6 +22,7 @@ from asgi_tenancy import (
     tenant_scope,
 )
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from tests.adversarial.leaks import assert_no_foreign_rows, foreign_rows
 from tests.adversarial.models import ROWS_PER_TENANT, Base, Project, Task, seed_rows
 from tests.conftest import PgDatabase
 
@@ -35,7 +38,7 @@ async def _set_up(url: str) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
         await _strategy().install(conn)
-        for table, rows in seed_rows().items():
+        for table, rows in seed_rows(("acme", "globex", "initech")).items():
             await conn.execute(insert(Base.metadata.tables[table]), rows)
     await engine.dispose()
 
@@ -113,8 +116,9 @@ async def test_inserts_are_stamped(db: TenantDatabase, admin_engine: AsyncEngine
     async with tenant_scope(GLOBEX), db.session() as s:
         s.add(Project(id=500, name="stamped"))
         await s.commit()
-    async with admin_engine.connect() as conn:
+    async with admin_engine.begin() as conn:
         owner = await conn.scalar(text("SELECT tenant_id FROM projects WHERE id = 500"))
+        await conn.execute(text("DELETE FROM projects WHERE id = 500"))
     assert owner == "globex"
 
 
@@ -188,3 +192,220 @@ async def test_relationship_loads_stay_in_tenant(db: TenantDatabase) -> None:
         bulk = await s.execute(update(Task).values(title="bulk"))
         await s.rollback()
     assert bulk.rowcount == ROWS_PER_TENANT  # type: ignore[attr-defined]
+
+
+async def test_aggregates_joins_subqueries_ctes_and_pagination(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    expected = await _admin_count(
+        admin_engine,
+        "SELECT (SELECT count(*) FROM tasks WHERE tenant_id = 'globex')"
+        " * (SELECT count(*) FROM projects WHERE tenant_id = 'globex')",
+    )
+    async with tenant_scope(GLOBEX), db.session() as s:
+        joined = (await s.execute(select(Project, Task).join(Project.tasks))).all()
+        assert len(joined) == ROWS_PER_TENANT
+        for project, task in joined:
+            assert_no_foreign_rows([project, task], "globex")
+        sub = select(Task.project_id).where(Task.title.like("%-task-1%")).scalar_subquery()
+        names = (await s.scalars(select(Project.name).where(Project.id.in_(sub)))).all()
+        assert_no_foreign_rows(names, "globex")
+        cte = select(Project.id, Project.name).cte("p")
+        via_cte = (await s.execute(select(cte.c.name).order_by(cte.c.id).limit(5).offset(5))).all()
+        assert [r.name for r in via_cte] == [f"globex-project-{i}" for i in range(6, 11)]
+        total = await s.scalar(
+            text(
+                "WITH t AS (SELECT * FROM tasks) "
+                "SELECT count(*) FROM t JOIN projects p USING (tenant_id)"
+            )
+        )
+        assert total == expected
+        raw_join = (
+            await s.execute(text("SELECT t.title FROM tasks t, projects p LIMIT 1000"))
+        ).all()
+        assert_no_foreign_rows([r.title for r in raw_join], "globex")
+
+
+async def test_selectin_and_joined_loads_stay_in_tenant(db: TenantDatabase) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        for option in (selectinload(Project.tasks), joinedload(Project.tasks)):
+            projects = (await s.scalars(select(Project).options(option))).unique().all()
+            assert len(projects) == ROWS_PER_TENANT
+            tasks = [t for p in projects for t in p.tasks]
+            assert len(tasks) == ROWS_PER_TENANT
+            assert_no_foreign_rows(tasks, "acme")
+            s.expunge_all()
+
+
+async def test_get_update_delete_another_tenants_key_find_nothing(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        assert await s.get(Project, ("globex", 3)) is None
+        deleted = await s.execute(delete(Task).where(Task.tenant_id == "globex"))
+        updated = await s.execute(
+            update(Project).where(Project.tenant_id == "globex").values(name="x")
+        )
+        await s.commit()
+    assert deleted.rowcount == 0  # type: ignore[attr-defined]
+    assert updated.rowcount == 0  # type: ignore[attr-defined]
+    globex = "SELECT count(*) FROM tasks WHERE tenant_id = 'globex'"
+    assert await _admin_count(admin_engine, globex) == ROWS_PER_TENANT
+
+
+async def test_bulk_update_and_delete_touch_only_own_rows(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        await s.execute(text("UPDATE tasks SET title = title || '!'"))
+        await s.execute(delete(Task).where(Task.id > 15))
+        await s.rollback()  # read back the effect inside, then leave the data as it was
+    async with tenant_scope(ACME), db.session() as s:
+        await s.execute(text("UPDATE tasks SET title = title || '!' WHERE id = 1"))
+        await s.commit()
+    async with admin_engine.begin() as conn:
+        changed = (
+            (await conn.execute(text("SELECT tenant_id FROM tasks WHERE title LIKE '%!'")))
+            .scalars()
+            .all()
+        )
+        await conn.execute(text("UPDATE tasks SET title = rtrim(title, '!')"))
+    assert changed == ["acme"]
+
+
+async def test_error_mid_transaction_leaves_the_next_one_clean(db: TenantDatabase) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        with pytest.raises(DBAPIError):
+            await s.execute(text("SELECT 1/0"))
+        await s.rollback()
+        assert await s.scalar(text("SELECT count(*) FROM projects")) == ROWS_PER_TENANT
+    async with tenant_scope(GLOBEX), db.session() as s:
+        names = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+    assert len(names) == ROWS_PER_TENANT
+    assert_no_foreign_rows(names, "globex")
+
+
+async def test_cancelled_task_and_killed_backend_fail_cleanly(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        async with tenant_scope(ACME), db.session() as s:
+            await s.execute(text("SELECT count(*) FROM projects"))
+            started.set()
+            await s.execute(text("SELECT pg_sleep(30)"))
+
+    task = asyncio.create_task(slow())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async with tenant_scope(GLOBEX), db.session() as s:
+        pid = await s.scalar(text("SELECT pg_backend_pid()"))
+        async with admin_engine.connect() as admin:
+            await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError):
+            await s.execute(text("SELECT count(*) FROM projects"))
+
+    async with tenant_scope(GLOBEX), db.session() as s:
+        names = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+    assert len(names) == ROWS_PER_TENANT
+    assert_no_foreign_rows(names, "globex")
+
+
+async def test_concurrent_tasks_across_three_tenants_see_only_their_rows(
+    rls_database: PgDatabase,
+) -> None:
+    database = TenantDatabase(
+        rls_database.app_url, _strategy(), engine_options={"pool_size": 8, "max_overflow": 0}
+    )
+    await database.validate()
+    tenants = [ACME, GLOBEX, Tenant("initech")]
+    foreign = 0
+
+    async def request(i: int) -> int:
+        tenant = tenants[i % 3]
+        async with tenant_scope(tenant), database.session() as s:
+            first = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+            await asyncio.sleep(0)
+            second = (await s.scalars(select(Project.name).where(Project.id <= 3))).all()
+            return len(foreign_rows([*first, *second], tenant.id))
+
+    try:
+        foreign = sum(await asyncio.gather(*(request(i) for i in range(500))))
+    finally:
+        await database.dispose()
+    assert foreign == 0
+
+
+async def test_the_leak_check_catches_a_leaky_configuration(
+    rls_database: PgDatabase, admin_engine: AsyncEngine
+) -> None:
+    """A table without a policy is what a forgotten migration looks like: the check must fire."""
+    async with admin_engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE IF NOT EXISTS leaky AS SELECT * FROM projects"))
+    database = TenantDatabase(rls_database.app_url, _strategy())
+    await database.validate()  # leaky is not in the metadata: validate cannot know it
+    try:
+        async with tenant_scope(ACME), database.session() as s:
+            rows = (await s.execute(text("SELECT name FROM leaky"))).scalars().all()
+    finally:
+        await database.dispose()
+    assert foreign_rows(rows, "acme")
+    with pytest.raises(AssertionError):
+        assert_no_foreign_rows(rows, "acme")
+    async with admin_engine.begin() as conn:
+        await conn.execute(text("DROP TABLE leaky"))
+
+
+async def test_validate_refuses_each_unsafe_set_up(
+    rls_database: PgDatabase, admin_engine: AsyncEngine
+) -> None:
+    meta = MetaData()
+    for name in ("bad_owned", "bad_unforced", "bad_nocheck", "bad_nopolicy"):
+        Table(name, meta, Column("tenant_id", String, primary_key=True))
+    strategy = RowLevelSecurity(metadata=meta)
+    async with admin_engine.begin() as conn:
+        await conn.execute(
+            text(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tenancy_bypass')"
+                " THEN CREATE ROLE tenancy_bypass LOGIN NOSUPERUSER BYPASSRLS; END IF; END $$"
+            )
+        )
+        await conn.execute(
+            text("GRANT CONNECT ON DATABASE " + rls_database.name + " TO tenancy_bypass")
+        )
+        await conn.run_sync(meta.create_all)
+        for statement in strategy.ddl():
+            await conn.execute(text(statement))
+        await conn.execute(text("ALTER TABLE bad_owned OWNER TO tenancy_app"))
+        await conn.execute(text("ALTER TABLE bad_unforced NO FORCE ROW LEVEL SECURITY"))
+        await conn.execute(text("DROP POLICY tenancy_isolation ON bad_nocheck"))
+        await conn.execute(
+            text(
+                "CREATE POLICY p ON bad_nocheck USING "
+                "(tenant_id = (SELECT public.tenancy_current_tenant()))"
+            )
+        )
+        await conn.execute(text("DROP POLICY tenancy_isolation ON bad_nopolicy"))
+    database = TenantDatabase(rls_database.app_url, strategy)
+    with pytest.raises(IsolationConfigError) as info:
+        await database.validate()
+    await database.dispose()
+    message = str(info.value)
+    for code, table in (
+        ("R003", "bad_owned"),
+        ("R005", "bad_unforced"),
+        ("R007", "bad_nocheck"),
+        ("R006", "bad_nopolicy"),
+    ):
+        assert f"[{code}] {table}" in message
+    bypass_url = make_url(rls_database.app_url).set(username="tenancy_bypass", password=None)
+    bypass = TenantDatabase(bypass_url, _strategy())
+    with pytest.raises(IsolationConfigError, match="R002"):
+        await bypass.validate()
+    await bypass.dispose()
+    async with admin_engine.begin() as conn:
+        await conn.run_sync(meta.drop_all)
