@@ -1,0 +1,91 @@
+"""What every benchmark shares: a PostgreSQL to run on, an app role, timing and memory figures."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+APP_ROLE = "tenancy_bench"
+APP_PASSWORD = "tenancy-bench"
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[URL]:
+    """``DATABASE_URL`` (superuser) when set, else a throwaway pgserver PostgreSQL 16."""
+    if url := os.environ.get("DATABASE_URL"):
+        yield make_url(url).set(drivername="postgresql+asyncpg")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR as root
+        import pgserver
+
+        server = pgserver.get_server(
+            tempfile.mkdtemp(prefix="tenancy-bench-"), cleanup_mode="delete"
+        )
+    try:
+        yield make_url(server.get_uri()).set(drivername="postgresql+asyncpg")
+    finally:
+        server.cleanup()
+
+
+async def create_app_role(admin_url: URL) -> URL:
+    """A NOSUPERUSER NOBYPASSRLS role with DML on public tables; returns its URL."""
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        exists = await conn.scalar(text(f"SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}'"))
+        if not exists:
+            await conn.execute(
+                text(
+                    f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD '{APP_PASSWORD}'"
+                )
+            )
+        await conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {APP_ROLE}"))
+        await conn.execute(
+            text(
+                f"ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {APP_ROLE}"
+            )
+        )
+    await engine.dispose()
+    return admin_url.set(username=APP_ROLE, password=APP_PASSWORD)
+
+
+async def interleave(
+    rounds: int, runs: dict[str, Callable[[], Awaitable[None]]]
+) -> dict[str, list[float]]:
+    """Run each contender once per round, alternating, so machine drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(rounds):
+        order = list(runs.items()) if i % 2 == 0 else list(reversed(runs.items()))
+        for name, run in order:
+            start = time.perf_counter()
+            await run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def machine() -> dict[str, object]:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
