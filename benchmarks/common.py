@@ -48,13 +48,15 @@ async def create_app_role(admin_url: URL) -> URL:
         if not exists:
             await conn.execute(
                 text(
-                    f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD '{APP_PASSWORD}'"
+                    f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS "
+                    f"PASSWORD '{APP_PASSWORD}'"
                 )
             )
         await conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {APP_ROLE}"))
         await conn.execute(
             text(
-                f"ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {APP_ROLE}"
+                "ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES "
+                f"TO {APP_ROLE}"
             )
         )
     await engine.dispose()

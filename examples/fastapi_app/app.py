@@ -97,7 +97,7 @@ def _project_out(project: Project) -> ProjectOut:
 def create_app(
     database: TenantDatabase, store: TenantStore, *, jwt_secret: str, jwt_audience: str = "demo"
 ) -> FastAPI:
-    """The API over ``database``; tenants come from ``store``, tokens are HS256 with ``jwt_secret``."""
+    """The API over ``database``, tenants from ``store``, HS256 tokens under ``jwt_secret``."""
     app = FastAPI(title="asgi-tenancy example")
     events = _Events()
 

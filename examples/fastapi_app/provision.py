@@ -70,7 +70,8 @@ async def _create_role(admin: AsyncEngine) -> None:
         if not exists:
             await conn.execute(
                 text(
-                    f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD '{APP_PASSWORD}'"
+                    f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS "
+                    f"PASSWORD '{APP_PASSWORD}'"
                 )
             )
 
