@@ -13,7 +13,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from asgi_tenancy.fastapi import current_tenant, setup_tenancy, tenant_session
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
@@ -29,6 +28,7 @@ from asgi_tenancy import (
     Tenant,
     TenantStore,
 )
+from asgi_tenancy.fastapi import current_tenant, setup_tenancy, tenant_session
 from asgi_tenancy.sqlalchemy import TenantDatabase
 
 from .models import AuditEvent, Project, Task

@@ -52,18 +52,26 @@ async def test_create_update_delete_stay_in_tenant(
     created = await client.post("/projects", json={"name": "Tunnel paint"}, headers=acme)
     assert created.status_code == 201
     pid = created.json()["id"]
-    assert (await client.get(f"/projects/{pid}", headers={"x-tenant-id": "globex"})).status_code == 404
+    assert (
+        await client.get(f"/projects/{pid}", headers={"x-tenant-id": "globex"})
+    ).status_code == 404
     renamed = await client.patch(f"/projects/{pid}", json={"name": "Tunnel"}, headers=acme)
     assert renamed.json()["name"] == "Tunnel"
     async with admin_engine.connect() as conn:
-        owner = await conn.scalar(text("SELECT tenant_id FROM projects WHERE id = :id"), {"id": pid})
+        owner = await conn.scalar(
+            text("SELECT tenant_id FROM projects WHERE id = :id"), {"id": pid}
+        )
     assert owner == "acme"
-    assert (await client.delete(f"/projects/{pid}", headers={"x-tenant-id": "globex"})).status_code == 404
+    assert (
+        await client.delete(f"/projects/{pid}", headers={"x-tenant-id": "globex"})
+    ).status_code == 404
     assert (await client.delete(f"/projects/{pid}", headers=acme)).status_code == 204
 
 
 async def test_pagination_counts_only_own_rows(client: httpx.AsyncClient) -> None:
-    page = (await client.get("/projects?limit=1&offset=1", headers={"x-tenant-id": "globex"})).json()
+    page = (
+        await client.get("/projects?limit=1&offset=1", headers={"x-tenant-id": "globex"})
+    ).json()
     assert page["total"] >= 2
     assert [p["name"] for p in page["items"]] == ["Volcano lair"]
 
@@ -98,9 +106,14 @@ async def test_token_route_and_header_must_agree(client: httpx.AsyncClient) -> N
     conflict = await client.get("/me", headers={**bearer, "x-tenant-id": "globex"})
     assert conflict.status_code == 400
     assert conflict.headers["content-type"].startswith("application/problem+json")
-    forged = jwt.encode({"org_id": "globex", "aud": "demo", "exp": int(time.time()) + 60},
-                        "another-secret-of-enough-length-123", "HS256")
-    assert (await client.get("/me", headers={"authorization": f"Bearer {forged}"})).status_code == 401
+    forged = jwt.encode(
+        {"org_id": "globex", "aud": "demo", "exp": int(time.time()) + 60},
+        "another-secret-of-enough-length-123",
+        "HS256",
+    )
+    assert (
+        await client.get("/me", headers={"authorization": f"Bearer {forged}"})
+    ).status_code == 401
 
 
 async def test_refusals(client: httpx.AsyncClient) -> None:
