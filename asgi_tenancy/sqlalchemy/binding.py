@@ -28,6 +28,8 @@ __all__ = ["TenantBoundSession", "install_engine_hooks"]
 
 TENANT_KEY = "asgi_tenancy.tenant"  # Session.info: id of the tenant the session belongs to
 BINDING_KEY = "asgi_tenancy.binding"  # Session.info: SQL binding each transaction, or None
+SIGNER_KEY = "asgi_tenancy.signer"  # Session.info: (backend pid) -> binding SQL, when signed
+PID_KEY = "asgi_tenancy.pid"  # connection info: the server process id, fetched once
 BOUND_KEY = "asgi_tenancy.bound"  # connection info: tenant id of the open bound transaction
 _hooked: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -103,14 +105,30 @@ def _bind_transaction(
     _check_scope(tenant_id)
     connection.info[BOUND_KEY] = tenant_id
     binding: str | None = session.info.get(BINDING_KEY)
+    driver = connection.connection.driver_connection
+    signer = session.info.get(SIGNER_KEY)
+    if signer is not None:
+        binding = signer(_backend_pid(connection, driver))
     if binding is None:
         return
-    driver = connection.connection.driver_connection
     set_pending = getattr(driver, "set_pending_binding", None)
     if set_pending is not None:
         set_pending(binding)  # travels inside the BEGIN message: no round trip of its own
     else:
         connection.exec_driver_sql(binding)
+
+
+def _backend_pid(connection: Connection, driver: Any) -> int:
+    """The server process id: asyncpg knows it from the start-up message; others ask once."""
+    get_pid = getattr(driver, "get_server_pid", None)
+    if get_pid is not None:
+        return int(get_pid())
+    pid = connection.info.get(PID_KEY)
+    if pid is None:
+        pid = connection.info[PID_KEY] = int(
+            connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        )
+    return int(pid)
 
 
 def _guard_statement(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from ..context import current_tenant, in_central_scope
 from ..errors import IsolationConfigError, TenantContextError
-from .binding import BINDING_KEY, TENANT_KEY, TenantBoundSession, install_engine_hooks
+from .binding import (
+    BINDING_KEY,
+    SIGNER_KEY,
+    TENANT_KEY,
+    TenantBoundSession,
+    install_engine_hooks,
+)
 from .strategy import IsolationStrategy
 
 __all__ = ["TenantDatabase"]
@@ -85,11 +92,14 @@ class TenantDatabase:
                 hint="await database.validate() at start-up (setup_tenancy does it for FastAPI)",
             )
         async with self.strategy.engine_for(self, tenant) as engine:
+            strategy = self.strategy
+            info: dict[str, Any] = {TENANT_KEY: tenant.id}
+            if strategy.binds_to_backend:
+                info[SIGNER_KEY] = functools.partial(strategy.backend_binding_sql, tenant)
+            else:
+                info[BINDING_KEY] = strategy.binding_sql(tenant)
             session = AsyncSession(
-                engine,
-                sync_session_class=TenantBoundSession,
-                info={TENANT_KEY: tenant.id, BINDING_KEY: self.strategy.binding_sql(tenant)},
-                **self._session_options,
+                engine, sync_session_class=TenantBoundSession, info=info, **self._session_options
             )
             self.strategy.configure_session(session.sync_session, tenant)
             try:

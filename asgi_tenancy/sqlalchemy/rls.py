@@ -9,6 +9,7 @@ held to it too, and the policy has an explicit WITH CHECK so writes are confined
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class RowLevelSecurity(IsolationStrategy):
         setting: str = "app.tenant_id",
         function_schema: str = "public",
         orm_criteria: bool = True,
+        signed: bool = False,
+        signing_keys: Sequence[str | bytes] = (),
     ) -> None:
         if not _SETTING.match(setting):
             raise IsolationConfigError(
@@ -81,6 +84,10 @@ class RowLevelSecurity(IsolationStrategy):
         self.function = f"{_quote(function_schema)}.tenancy_current_tenant"
         self._criteria = TenantCriteria(tenant_column) if orm_criteria else None
         self._bindings: dict[str, str] = {}
+        self.signed = signed
+        self.binds_to_backend = signed
+        self._keys = _signing_keys(signed, signing_keys)
+        self._signed_bindings: dict[tuple[str, int], str] = {}
 
     # -- binding ---------------------------------------------------------------------------
 
@@ -91,6 +98,20 @@ class RowLevelSecurity(IsolationStrategy):
             if len(self._bindings) >= 10_000:  # bound: 10,000 tenants' strings, ~1 MB
                 self._bindings.clear()
             self._bindings[tenant.id] = sql
+        return sql
+
+    def backend_binding_sql(self, tenant: Tenant, backend_pid: int) -> str:
+        """Signed: ``tenant:mac`` where the MAC covers the tenant and this server process."""
+        if not self.signed:
+            return self.binding_sql(tenant)
+        key = (tenant.id, backend_pid)
+        sql = self._signed_bindings.get(key)
+        if sql is None:
+            token = f"{tenant.id}:{binding_mac(self._keys[0], tenant.id, backend_pid)}"
+            sql = f"SELECT set_config('{self.setting}', '{token}', true)"
+            if len(self._signed_bindings) >= 10_000:  # bound: 10,000 tenant x backend pairs
+                self._signed_bindings.clear()
+            self._signed_bindings[key] = sql
         return sql
 
     def configure_session(self, session: Session, tenant: Tenant) -> None:
@@ -105,6 +126,8 @@ class RowLevelSecurity(IsolationStrategy):
         return [t for t in self.metadata.sorted_tables if self.tenant_column in t.c]
 
     def function_ddl(self) -> str:
+        if self.signed:
+            return self._signed_function_ddl()
         return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE AS $tenancy$
 DECLARE tenant text := current_setting('{self.setting}', true);
@@ -116,6 +139,60 @@ BEGIN
   RETURN tenant;
 END
 $tenancy$"""
+
+    def _signed_function_ddl(self) -> str:
+        # SECURITY DEFINER: runs as the owner, the only role that can read the keys. The MAC is
+        # sha256(k || sha256(k || message)) with PostgreSQL's built-in sha256() (no pgcrypto):
+        # the outer hash over a secret prefix closes the length-extension hole of a single one.
+        return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp AS $tenancy$
+DECLARE
+  bound text := current_setting('{self.setting}', true);
+  tenant text;
+  message bytea;
+  k bytea;
+BEGIN
+  IF bound IS NULL OR bound = '' THEN
+    RAISE EXCEPTION 'asgi-tenancy: no tenant is bound to this transaction'
+      USING ERRCODE = '42501', HINT = 'open sessions through TenantDatabase.session()';
+  END IF;
+  tenant := split_part(bound, ':', 1);
+  message := convert_to(tenant || ':' || pg_backend_pid()::text, 'UTF8');
+  FOR k IN SELECT secret FROM {KEY_TABLE} LOOP
+    IF encode(sha256(k || sha256(k || message)), 'hex') = split_part(bound, ':', 2) THEN
+      RETURN tenant;
+    END IF;
+  END LOOP;
+  RAISE EXCEPTION 'asgi-tenancy: the tenant binding is not signed for this connection'
+    USING ERRCODE = '42501';
+END
+$tenancy$"""
+
+    def key_ddl(self) -> list[str]:
+        """The private schema and key table: readable by their owner only."""
+        return [
+            f"CREATE SCHEMA IF NOT EXISTS {KEY_SCHEMA}",
+            f"REVOKE ALL ON SCHEMA {KEY_SCHEMA} FROM PUBLIC",
+            f"CREATE TABLE IF NOT EXISTS {KEY_TABLE} (key_id text PRIMARY KEY,"
+            " secret bytea NOT NULL, installed_at timestamptz NOT NULL DEFAULT now())",
+            f"REVOKE ALL ON {KEY_TABLE} FROM PUBLIC",
+        ]
+
+    async def install_keys(self, admin: AsyncConnection) -> None:
+        """Make the database accept exactly this strategy's keys (rotation: pass new and old)."""
+        ids = [_key_id(k) for k in self._keys]
+        await admin.execute(
+            text(f"DELETE FROM {KEY_TABLE} WHERE NOT (key_id = ANY(:ids))"), {"ids": ids}
+        )
+        for key_id, secret in zip(ids, self._keys, strict=True):
+            await admin.execute(
+                text(
+                    f"INSERT INTO {KEY_TABLE} (key_id, secret) VALUES (:id, :secret)"
+                    " ON CONFLICT (key_id) DO NOTHING"
+                ),
+                {"id": key_id, "secret": secret},
+            )
 
     def table_ddl(self, table: Table) -> list[str]:
         """ENABLE + FORCE, the policy with USING and WITH CHECK, the tenant index."""
@@ -134,15 +211,19 @@ $tenancy$"""
 
     def ddl(self, tables: Sequence[Table] | None = None) -> list[str]:
         """Every statement the set-up needs, in order; ``op.execute`` each in an Alembic step."""
-        statements = [self.function_ddl()]
+        statements = (
+            [*self.key_ddl(), self.function_ddl()] if self.signed else [self.function_ddl()]
+        )
         for table in self.tenant_tables() if tables is None else tables:
             statements.extend(self.table_ddl(table))
         return statements
 
     async def install(self, admin: AsyncConnection, tables: Sequence[Table] | None = None) -> None:
-        """Run ``ddl()`` on an admin (table owner) connection."""
+        """Run ``ddl()`` on an admin (table owner) connection; signed: install the keys too."""
         for statement in self.ddl(tables):
             await admin.execute(text(statement))
+        if self.signed:
+            await self.install_keys(admin)
 
     # -- start-up validation ---------------------------------------------------------------
 
@@ -159,6 +240,8 @@ $tenancy$"""
         """Every finding on the live database, read as the application's role."""
         findings = await _check_role(conn)
         findings += await self._check_function(conn)
+        if self.signed and not findings:
+            findings += await self._check_signing(conn)
         tenant_tables = self.tenant_tables()
         if self.metadata is not None:
             findings += _check_unclassified(self.metadata, self.tenant_column, self.shared_tables)
@@ -180,6 +263,61 @@ $tenancy$"""
                 "run RowLevelSecurity.install() (or the SQL of ddl()) as the table owner",
             )
         ]
+
+    async def _check_signing(self, conn: AsyncConnection) -> list[Finding]:
+        """The keys stay private, and the database accepts a binding signed by ours."""
+        findings = []
+        # Catalog joins, not to_regclass(): that needs the schema USAGE the app must not have.
+        readable = await conn.scalar(
+            text(
+                "SELECT has_schema_privilege(n.oid, 'USAGE')"
+                " AND has_table_privilege(c.oid, 'SELECT')"
+                " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = :schema AND c.relname = 'binding_keys'"
+            ),
+            {"schema": KEY_SCHEMA},
+        )
+        if readable:
+            findings.append(
+                Finding(
+                    "R012",
+                    KEY_TABLE,
+                    "the application role can read the keys",
+                    f"REVOKE ALL ON {KEY_TABLE} FROM <app role>",
+                )
+            )
+        definer = await conn.scalar(
+            text("SELECT prosecdef FROM pg_proc WHERE oid = to_regprocedure(:sig)"),
+            {"sig": f"{self.function}()"},
+        )
+        if not definer:
+            findings.append(
+                Finding(
+                    "R013",
+                    self.function,
+                    "the tenant function does not check signatures",
+                    "run RowLevelSecurity(signed=True).install()",
+                )
+            )
+            return findings
+        pid = int(await conn.scalar(text("SELECT pg_backend_pid()")) or 0)
+        probe = Tenant("tenancy-validate-probe")
+        try:
+            async with conn.begin_nested():
+                await conn.execute(text(self.backend_binding_sql(probe, pid)))
+                accepted = await conn.scalar(text(f"SELECT {self.function}()"))
+        except Exception:
+            accepted = None
+        if accepted != probe.id:
+            findings.append(
+                Finding(
+                    "R014",
+                    KEY_TABLE,
+                    "the database does not accept this application's signing key",
+                    "run install_keys() with it",
+                )
+            )
+        return findings
 
     async def _check_table(self, conn: AsyncConnection, table: Table) -> list[Finding]:
         name = _qualified(table)
@@ -269,6 +407,35 @@ def _check_unclassified(metadata: MetaData, column: str, shared: frozenset[str])
         for table in metadata.sorted_tables
         if column not in table.c and table.name not in shared and table.fullname not in shared
     ]
+
+
+KEY_SCHEMA = "tenancy_private"
+KEY_TABLE = f"{KEY_SCHEMA}.binding_keys"
+
+
+def binding_mac(key: bytes, tenant_id: str, backend_pid: int) -> str:
+    """The MAC the tenant function recomputes: sha256(k || sha256(k || "tenant:pid"))."""
+    inner = hashlib.sha256(key + f"{tenant_id}:{backend_pid}".encode()).digest()
+    return hashlib.sha256(key + inner).hexdigest()
+
+
+def _key_id(key: bytes) -> str:
+    return hashlib.sha256(b"asgi-tenancy key id:" + key).hexdigest()[:16]
+
+
+def _signing_keys(signed: bool, keys: Sequence[str | bytes]) -> list[bytes]:
+    raw = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
+    if not signed:
+        if raw:
+            raise IsolationConfigError("signing_keys given but signed=False")
+        return []
+    if not raw:
+        raise IsolationConfigError(
+            "signed=True needs signing_keys", hint="e.g. [os.environ['TENANCY_BINDING_KEY']]"
+        )
+    if any(len(k) < 32 for k in raw):
+        raise IsolationConfigError("each signing key needs at least 32 bytes")
+    return raw
 
 
 def _qualified(table: Table) -> str:

@@ -45,6 +45,13 @@ class IsolationStrategy:
         """SQL that binds one transaction to ``tenant``; sent with every BEGIN."""
         return None
 
+    #: Whether ``backend_binding_sql`` needs the server process id of the connection.
+    binds_to_backend: bool = False
+
+    def backend_binding_sql(self, tenant: Tenant, backend_pid: int) -> str | None:
+        """The binding for one server connection; strategies that sign it override this."""
+        return self.binding_sql(tenant)
+
     @asynccontextmanager
     async def engine_for(
         self, database: TenantDatabase, tenant: Tenant

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, delete, func, insert, select, text, update
+from sqlalchemy import Column, MetaData, String, Table, delete, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import joinedload, selectinload
 
 from asgi_tenancy import (
@@ -23,42 +22,15 @@ from asgi_tenancy import (
 )
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
 from tests.adversarial.leaks import assert_no_foreign_rows, foreign_rows
-from tests.adversarial.models import ROWS_PER_TENANT, Base, Project, Task, seed_rows
+from tests.adversarial.models import ROWS_PER_TENANT, Base, Project, Task
 from tests.conftest import PgDatabase
 
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
 
 
-def _strategy() -> RowLevelSecurity:
-    return RowLevelSecurity(metadata=Base.metadata, shared_tables={"currencies"})
-
-
-async def _set_up(url: str) -> None:
-    engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-        await _strategy().install(conn)
-        for table, rows in seed_rows(("acme", "globex", "initech")).items():
-            await conn.execute(insert(Base.metadata.tables[table]), rows)
-    await engine.dispose()
-
-
 @pytest.fixture(scope="module")
-def rls_database(pg_database: PgDatabase) -> PgDatabase:
-    asyncio.run(_set_up(pg_database.admin_url))
-    return pg_database
-
-
-@pytest.fixture
-async def db(rls_database: PgDatabase) -> AsyncIterator[TenantDatabase]:
-    database = TenantDatabase(
-        rls_database.app_url,
-        _strategy(),
-        engine_options={"pool_size": 1, "max_overflow": 0},
-    )
-    await database.validate()
-    yield database
-    await database.dispose()
+def rls_strategy() -> RowLevelSecurity:
+    return RowLevelSecurity(metadata=Base.metadata, shared_tables={"currencies"})
 
 
 async def _admin_count(admin: AsyncEngine, sql: str) -> int:
@@ -163,7 +135,10 @@ async def test_pool_reuse_leaves_nothing_behind(db: TenantDatabase) -> None:
     for tenant in (ACME, GLOBEX):
         async with tenant_scope(tenant), db.session() as s:
             pids.append(await s.scalar(text("SELECT pg_backend_pid()")))
-            assert await s.scalar(text("SELECT current_setting('app.tenant_id')")) == tenant.id
+            bound = await s.scalar(
+                text("SELECT split_part(current_setting('app.tenant_id'), ':', 1)")
+            )
+            assert bound == tenant.id
     async with db.engine.connect() as conn:
         pids.append(await conn.scalar(text("SELECT pg_backend_pid()")))
         assert await conn.scalar(text("SELECT current_setting('app.tenant_id', true)")) == ""
@@ -172,8 +147,10 @@ async def test_pool_reuse_leaves_nothing_behind(db: TenantDatabase) -> None:
     assert len(set(pids)) == 1  # one backend served all three
 
 
-async def test_validate_refuses_a_superuser(rls_database: PgDatabase) -> None:
-    database = TenantDatabase(rls_database.admin_url, _strategy())
+async def test_validate_refuses_a_superuser(
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity
+) -> None:
+    database = TenantDatabase(rls_database.admin_url, rls_strategy)
     with pytest.raises(IsolationConfigError, match="R001"):
         await database.validate()
     with tenant_scope(ACME), pytest.raises(IsolationConfigError):
@@ -316,10 +293,10 @@ async def test_cancelled_task_and_killed_backend_fail_cleanly(
 
 
 async def test_concurrent_tasks_across_three_tenants_see_only_their_rows(
-    rls_database: PgDatabase,
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity
 ) -> None:
     database = TenantDatabase(
-        rls_database.app_url, _strategy(), engine_options={"pool_size": 8, "max_overflow": 0}
+        rls_database.app_url, rls_strategy, engine_options={"pool_size": 8, "max_overflow": 0}
     )
     await database.validate()
     tenants = [ACME, GLOBEX, Tenant("initech")]
@@ -341,12 +318,12 @@ async def test_concurrent_tasks_across_three_tenants_see_only_their_rows(
 
 
 async def test_the_leak_check_catches_a_leaky_configuration(
-    rls_database: PgDatabase, admin_engine: AsyncEngine
+    rls_database: PgDatabase, admin_engine: AsyncEngine, rls_strategy: RowLevelSecurity
 ) -> None:
     """A table without a policy is what a forgotten migration looks like: the check must fire."""
     async with admin_engine.begin() as conn:
         await conn.execute(text("CREATE TABLE IF NOT EXISTS leaky AS SELECT * FROM projects"))
-    database = TenantDatabase(rls_database.app_url, _strategy())
+    database = TenantDatabase(rls_database.app_url, rls_strategy)
     await database.validate()  # leaky is not in the metadata: validate cannot know it
     try:
         async with tenant_scope(ACME), database.session() as s:
@@ -361,7 +338,7 @@ async def test_the_leak_check_catches_a_leaky_configuration(
 
 
 async def test_validate_refuses_each_unsafe_set_up(
-    rls_database: PgDatabase, admin_engine: AsyncEngine
+    rls_database: PgDatabase, admin_engine: AsyncEngine, rls_strategy: RowLevelSecurity
 ) -> None:
     meta = MetaData()
     for name in ("bad_owned", "bad_unforced", "bad_nocheck", "bad_nopolicy"):
@@ -403,9 +380,19 @@ async def test_validate_refuses_each_unsafe_set_up(
     ):
         assert f"[{code}] {table}" in message
     bypass_url = make_url(rls_database.app_url).set(username="tenancy_bypass", password=None)
-    bypass = TenantDatabase(bypass_url, _strategy())
+    bypass = TenantDatabase(bypass_url, rls_strategy)
     with pytest.raises(IsolationConfigError, match="R002"):
         await bypass.validate()
     await bypass.dispose()
     async with admin_engine.begin() as conn:
         await conn.run_sync(meta.drop_all)
+
+
+async def test_unsigned_binding_can_be_rewritten_by_raw_sql(db: TenantDatabase) -> None:
+    """Documents the hole that ``signed=True`` closes: unsigned, the setting is only a setting."""
+    if db.strategy.binds_to_backend:
+        return  # the signed module runs this file's tests too; see test_rls_signed.py
+    async with tenant_scope(ACME), db.session() as s:
+        await s.execute(text("SELECT set_config('app.tenant_id', 'globex', true)"))
+        rows = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+    assert foreign_rows(rows, "acme")
