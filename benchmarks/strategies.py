@@ -108,11 +108,19 @@ def scoped_app(database: TenantDatabase) -> FastAPI:
     return app
 
 
-async def _set_up_row(admin_url: URL) -> RowLevelSecurity:
-    strategy = RowLevelSecurity(metadata=metadata, shared_tables={"items_plain"})
+SIGNING_KEY = "benchmark-signing-key-0123456789abcdef"
+
+
+async def _set_up_row(admin_url: URL, *, signed: bool = False) -> RowLevelSecurity:
+    strategy = RowLevelSecurity(
+        metadata=metadata,
+        shared_tables={"items_plain"},
+        signed=signed,
+        signing_keys=[SIGNING_KEY] if signed else (),
+    )
     admin = create_async_engine(admin_url)
     async with admin.begin() as conn:
-        await conn.execute(text("DROP TABLE IF EXISTS items, items_plain"))
+        await conn.execute(text("DROP TABLE IF EXISTS items, items_plain CASCADE"))
         await conn.run_sync(metadata.create_all)
         await conn.run_sync(plain_metadata.create_all)
         await strategy.install(conn)
@@ -127,7 +135,14 @@ async def _set_up_row(admin_url: URL) -> RowLevelSecurity:
     return strategy
 
 
-SETUPS: dict[str, Callable[[URL], Awaitable[Any]]] = {"row": _set_up_row}
+async def _set_up_row_signed(admin_url: URL) -> RowLevelSecurity:
+    return await _set_up_row(admin_url, signed=True)
+
+
+SETUPS: dict[str, Callable[[URL], Awaitable[Any]]] = {
+    "row": _set_up_row,
+    "row_signed": _set_up_row_signed,
+}
 
 
 @asynccontextmanager
