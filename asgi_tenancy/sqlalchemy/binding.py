@@ -7,15 +7,19 @@
   travels inside the BEGIN message (no extra round trip); on other drivers it is executed.
 - A per-statement guard compares the tenant the connection's transaction was bound to with the
   current scope, and refuses the statement when they differ (defence in depth).
-- When a connection goes back to the pool, whatever binding it carried is forgotten.
+- When a connection goes back to the pool, whatever binding it carried is forgotten. A
+  connection on which a statement may have changed session state (``SET``, ``RESET``, ``DISCARD``,
+  ``DO``, ``CALL``, ``set_config(``) is discarded at its next checkout instead of being reused:
+  no round trip on the common path, and no session-level leftovers for the next tenant.
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, SessionTransaction
@@ -30,6 +34,13 @@ TENANT_KEY = "asgi_tenancy.tenant"  # Session.info: id of the tenant the session
 BINDING_KEY = "asgi_tenancy.binding"  # Session.info: SQL binding each transaction, or None
 SIGNER_KEY = "asgi_tenancy.signer"  # Session.info: (backend pid) -> binding SQL, when signed
 PID_KEY = "asgi_tenancy.pid"  # connection info: the server process id, fetched once
+DIRTY_KEY = "asgi_tenancy.dirty"  # connection info: session state may have been changed
+_BINDING_OPTION = "asgi_tenancy_binding"  # execution option marking the library's own binding
+
+# Statements that may leave session-level state behind. Over-matching only costs a reconnect.
+_SESSION_STATE = re.compile(
+    r"^\s*(?:set|reset|discard|do|call|load|listen)\b|\bset_config\s*\(", re.IGNORECASE
+)
 BOUND_KEY = "asgi_tenancy.bound"  # connection info: tenant id of the open bound transaction
 _hooked: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -115,7 +126,7 @@ def _bind_transaction(
     if set_pending is not None:
         set_pending(binding)  # travels inside the BEGIN message: no round trip of its own
     else:
-        connection.exec_driver_sql(binding)
+        connection.exec_driver_sql(binding, execution_options={_BINDING_OPTION: True})
 
 
 def _backend_pid(connection: Connection, driver: Any) -> int:
@@ -126,7 +137,9 @@ def _backend_pid(connection: Connection, driver: Any) -> int:
     pid = connection.info.get(PID_KEY)
     if pid is None:
         pid = connection.info[PID_KEY] = int(
-            connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            connection.exec_driver_sql(
+                "SELECT pg_backend_pid()", execution_options={_BINDING_OPTION: True}
+            ).scalar_one()
         )
     return int(pid)
 
@@ -142,6 +155,16 @@ def _guard_statement(
     bound = conn.info.get(BOUND_KEY)
     if bound is not None:
         _check_scope(bound)
+    if _SESSION_STATE.search(statement) and not (
+        context is not None and context.execution_options.get(_BINDING_OPTION)
+    ):
+        conn.info[DIRTY_KEY] = True
+
+
+def _discard_dirty(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+    if record.info.pop(DIRTY_KEY, False):
+        # The pool closes this connection and checks out a fresh one in its place.
+        raise exc.DisconnectionError("connection may carry session state: replaced")
 
 
 def _forget_binding(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -171,6 +194,7 @@ def install_engine_hooks(engine: AsyncEngine) -> None:
         return
     event.listen(sync_engine, "before_cursor_execute", _guard_statement)
     event.listen(sync_engine.pool, "checkin", _forget_binding)
+    event.listen(sync_engine.pool, "checkout", _discard_dirty)
     if sync_engine.dialect.driver == "asyncpg":
         event.listen(sync_engine, "do_connect", _use_tenancy_connection)
     _hooked.add(sync_engine)

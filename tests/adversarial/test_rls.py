@@ -396,3 +396,31 @@ async def test_unsigned_binding_can_be_rewritten_by_raw_sql(db: TenantDatabase) 
         await s.execute(text("SELECT set_config('app.tenant_id', 'globex', true)"))
         rows = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
     assert foreign_rows(rows, "acme")
+
+
+@pytest.mark.parametrize(
+    "leftover",
+    [
+        "SELECT set_config('app.tenant_id', current_setting('app.tenant_id'), false)",
+        "SET app.tenant_id = 'acme'",
+        "SET search_path = pg_catalog",
+    ],
+)
+async def test_session_state_left_by_raw_sql_is_not_inherited(
+    db: TenantDatabase, leftover: str
+) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        first_pid = await s.scalar(text("SELECT pg_backend_pid()"))
+        await s.execute(text(leftover))
+        await s.commit()
+    async with db.engine.connect() as conn:  # the next checkout, for no tenant (pool_size=1)
+        assert await conn.scalar(text("SELECT pg_backend_pid()")) != first_pid
+        assert await conn.scalar(text("SELECT current_setting('app.tenant_id', true)")) in (
+            "",
+            None,
+        )
+        with pytest.raises(DBAPIError, match="no tenant is bound"):
+            await conn.scalar(text("SELECT count(*) FROM projects"))
+    async with tenant_scope(GLOBEX), db.session() as s:
+        names = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+    assert_no_foreign_rows(names, "globex")
