@@ -6,6 +6,7 @@ protocol, which ``asgi_tenancy.sqlalchemy.TenantDatabase`` satisfies.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["TenantDatabaseLike", "current_tenant", "setup_tenancy", "tenant_session"]
 
 _STATE_KEY = "tenancy_database"
+_log = logging.getLogger("asgi_tenancy.fastapi")
 
 
 @runtime_checkable
@@ -80,6 +82,8 @@ def setup_tenancy(
 
 async def _handle_tenancy_error(connection: Request | WebSocket, exc: Exception) -> Response | None:
     assert isinstance(exc, TenancyError)
+    if exc.status_code >= 500:
+        _log.error("tenancy error answered with %s", exc.status_code, exc_info=exc)
     if isinstance(connection, WebSocket):
         await connection.close(code=WS_POLICY_VIOLATION, reason=exc.code)
         return None

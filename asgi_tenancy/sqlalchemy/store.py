@@ -75,7 +75,7 @@ class SqlAlchemyTenantStore:
         try:
             async with self.engine.connect() as conn:
                 row = (await conn.execute(self._select, {"tenant_id": tenant_id})).first()
-        except sa.exc.SQLAlchemyError as exc:
+        except Exception as exc:  # driver, network and pool errors alike: the store is down
             raise TenantStoreUnavailable() from exc
         if row is None:
             return None
