@@ -68,10 +68,10 @@ class TenancyMiddleware:
                 raise TenantContextError("the request names no tenant")
             tenant = await load_tenant(self._store, tenant_id)
             await self._check_member(connection, tenant)
+            scope = self._chain.route_scope(scope, tenant.id)
         except TenancyError as exc:
             await reject(scope, receive, send, exc)
             return
-        scope = self._chain.route_scope(scope)
         scope = {**scope, "state": {**scope.get("state", {}), "tenant": tenant}}
         async with tenant_scope(tenant):
             await self._run(scope, receive, send)

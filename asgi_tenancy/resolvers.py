@@ -109,11 +109,11 @@ class ResolverChain:
             found = tenant_id
         return found
 
-    def route_scope(self, scope: Scope) -> Scope:
+    def route_scope(self, scope: Scope, tenant_id: str) -> Scope:
         """The scope the application sees: path prefixes of stripping resolvers removed."""
         for resolver in self.resolvers:
             if isinstance(resolver, PathResolver):
-                scope = resolver.route_scope(scope)
+                scope = resolver.route_scope(scope, tenant_id)
         return scope
 
 
@@ -207,12 +207,18 @@ class PathResolver(Resolver):
             return None
         return validate_tenant_id(match.group(1))
 
-    def route_scope(self, scope: Scope) -> Scope:
+    def route_scope(self, scope: Scope, tenant_id: str) -> Scope:
+        """With ``strip``, move ``/t/{tenant}`` into ``root_path``; it must name ``tenant_id``.
+
+        Checked even under first-match, so a tenant URL never serves another tenant's data.
+        """
         if not self.strip:
             return scope
         match = self._pattern.match(route_path(scope))
         if match is None:
             return scope
+        if match.group(1) != tenant_id:
+            raise TenantConflict("the path names another tenant than the request")
         return {**scope, "root_path": scope.get("root_path", "") + match.group(0)}
 
 

@@ -181,6 +181,12 @@ async def test_first_match_policy_takes_the_first_resolver() -> None:
     assert response.json()["tenant"] == "acme"
 
 
+async def test_first_match_never_serves_a_stripped_path_naming_another_tenant() -> None:
+    app = make_app([HeaderResolver(), PathResolver(strip=True)], policy="first_match")
+    response = await get("/t/acme/whoami", {"x-tenant-id": "globex"}, app=app)
+    assert_problem(response, 400, "tenant_conflict")
+
+
 async def test_path_prefix_is_stripped_and_urls_keep_it() -> None:
     app = make_app([PathResolver(strip=True)])
     assert (await get("/t/globex/whoami", app=app)).json()["tenant"] == "globex"

@@ -206,13 +206,19 @@ def test_path_resolver_reads_below_the_mount_point() -> None:
 def test_path_resolver_strip_moves_the_prefix_into_root_path() -> None:
     resolver = PathResolver("/tenants", strip=True)
     scope = {"type": "http", "path": "/api/tenants/acme/items", "root_path": "/api"}
-    assert resolver.route_scope(scope)["root_path"] == "/api/tenants/acme"
-    assert resolver.route_scope(scope)["path"] == "/api/tenants/acme/items"
+    assert resolver.route_scope(scope, "acme")["root_path"] == "/api/tenants/acme"
+    assert resolver.route_scope(scope, "acme")["path"] == "/api/tenants/acme/items"
+
+
+def test_path_resolver_strip_refuses_a_path_naming_another_tenant() -> None:
+    scope = {"type": "http", "path": "/t/globex/items", "root_path": ""}
+    with pytest.raises(TenantConflict):
+        PathResolver(strip=True).route_scope(scope, "acme")
 
 
 def test_path_resolver_without_strip_leaves_the_scope_alone() -> None:
     scope = {"type": "http", "path": "/t/acme/items", "root_path": ""}
-    assert PathResolver().route_scope(scope) is scope
+    assert PathResolver().route_scope(scope, "globex") is scope
 
 
 @pytest.mark.parametrize("prefix", ["t", "/t/", "/", "", "/t/{x}"])
