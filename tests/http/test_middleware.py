@@ -28,7 +28,9 @@ from asgi_tenancy import (
     SubdomainResolver,
     TenancyMiddleware,
     Tenant,
+    TenantNotFound,
     TenantStatus,
+    TenantStoreUnavailable,
     current_tenant,
     current_tenant_or_none,
 )
@@ -466,3 +468,43 @@ async def test_websocket_non_member_closes_with_1008() -> None:
     app = make_app(authorize=lambda connection, tenant: False)
     sent = await websocket_session(app, {"x-tenant-id": "acme"})
     assert [(m["type"], m.get("code")) for m in sent] == [("websocket.close", 1008)]
+
+
+async def test_a_downstream_tenancy_error_before_the_response_is_a_problem() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise TenantNotFound()
+
+    sent: list[Message] = []
+    middleware = TenancyMiddleware(app, resolvers=[HeaderResolver()], store=STORE)
+    scope: Scope = {"type": "http", "path": "/", "root_path": "", "query_string": b"",
+                    "headers": [(b"x-tenant-id", b"acme")]}  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 404
+
+
+async def test_a_downstream_server_side_tenancy_error_is_answered_then_raised() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise TenantStoreUnavailable("pool at 10.0.0.7 exhausted")
+
+    sent: list[Message] = []
+    middleware = TenancyMiddleware(app, resolvers=[HeaderResolver()], store=STORE)
+    scope: Scope = {"type": "http", "path": "/", "root_path": "", "query_string": b"",
+                    "headers": [(b"x-tenant-id", b"acme")]}  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with pytest.raises(TenantStoreUnavailable):
+        await middleware(scope, receive, send)
+    assert sent[0]["status"] == 503
+    assert b"10.0.0.7" not in b"".join(m.get("body", b"") for m in sent)
