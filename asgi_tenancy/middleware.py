@@ -70,6 +70,8 @@ class TenancyMiddleware:
             await self._check_member(connection, tenant)
             scope = self._chain.route_scope(scope, tenant.id)
         except TenancyError as exc:
+            if exc.status_code >= 500:  # the client sees a bare title; operators need the cause
+                _log.warning("tenant request refused: %s", exc.code, exc_info=exc)
             await reject(scope, receive, send, exc)
             return
         scope = {**scope, "state": {**scope.get("state", {}), "tenant": tenant}}

@@ -315,10 +315,14 @@ class HangingStore:
         (CachedTenantStore(HangingStore(), timeout=0.01), "tenant_store_unavailable"),
     ],
 )
-async def test_a_buggy_store_is_503_and_nothing_is_scoped(store: Any, code: str) -> None:
-    response = await get("/whoami", {"x-tenant-id": "acme"}, app=make_app(store=store))
+async def test_a_buggy_store_is_503_and_nothing_is_scoped(
+    store: Any, code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="asgi_tenancy.middleware"):
+        response = await get("/whoami", {"x-tenant-id": "acme"}, app=make_app(store=store))
     body = assert_problem(response, 503, code)
     assert body["detail"] == body["title"]
+    assert [r.getMessage() for r in caplog.records] == [f"tenant request refused: {code}"]
 
 
 async def test_lifespan_and_other_scopes_pass_through_untouched() -> None:
