@@ -268,7 +268,9 @@ class JWTClaimResolver(Resolver):
                 raise IsolationConfigError("jwks_url must be an https URL")
             if set(self.algorithms) & _HMAC_ALGORITHMS:
                 raise IsolationConfigError("a JWKS URL serves public keys: use RS/PS/ES/EdDSA")
-            self._jwks = jwt.PyJWKClient(jwks_url, cache_jwk_set=True, lifespan=jwks_cache_seconds)
+            self._jwks = jwt.PyJWKClient(
+                jwks_url, cache_jwk_set=True, lifespan=jwks_cache_seconds, timeout=5
+            )
         else:
             self._key = _prepare_key(jwt, self.algorithms, key)
 
@@ -350,4 +352,8 @@ def _prepare_key(jwt: Any, algorithms: tuple[str, ...], key: Any) -> Any:
                 "the JWT key does not fit every listed algorithm",
                 hint="list only the algorithms of the key's family",
             ) from exc
+    if hasattr(prepared, "private_bytes"):
+        raise IsolationConfigError(
+            "JWTClaimResolver verifies with a public key", hint="pass key.public_key()"
+        )
     return prepared

@@ -395,6 +395,7 @@ async def test_jwt_hmac_resolver_works_with_a_long_secret() -> None:
         {"algorithms": ["HS256"], "key": b"short"},
         {"algorithms": ["HS256"], "key": RSA_PUBLIC_PEM},
         {"algorithms": ["RS256"], "key": b"not a pem key at all"},
+        {"algorithms": ["RS256"], "key": RSA_KEY},
         {"algorithms": ["RS256"], "key": RSA_PUBLIC_PEM, "claim": ""},
         {"algorithms": ["RS256"], "key": RSA_PUBLIC_PEM, "leeway": -1},
     ],
