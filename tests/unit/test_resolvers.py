@@ -476,7 +476,7 @@ def _assert_client_error(exc: TenancyError) -> None:
     assert exc.status_code in (400, 401)
 
 
-@settings(max_examples=500)
+@settings(max_examples=300)
 @given(values=st.lists(st.one_of(_NEAR_IDS, _TEXT), min_size=1, max_size=3))
 def test_fuzz_header_resolver(values: list[str]) -> None:
     try:
@@ -506,7 +506,7 @@ _HOSTS = st.one_of(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=300)
 @given(host=_HOSTS)
 def test_fuzz_subdomain_resolver(host: str) -> None:
     try:
@@ -528,7 +528,7 @@ _PATHS = st.one_of(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=300)
 @given(path=_PATHS)
 def test_fuzz_path_resolver(path: str) -> None:
     try:
@@ -554,7 +554,7 @@ def _mangle(token: str, how: str, position: int) -> str:
     return token[:index] + flipped + token[index + 1 :]
 
 
-@settings(max_examples=500)
+@settings(max_examples=300)
 @given(
     claim=_CLAIM_VALUES,
     exp_offset=st.integers(min_value=-600, max_value=600),
