@@ -199,7 +199,6 @@ async def test_openapi_documents_the_tenant_header() -> None:
 
 async def websocket(app: FastAPI, path: str, headers: list[tuple[bytes, bytes]]) -> list[Message]:
     inbox: asyncio.Queue[Message] = asyncio.Queue()
-    inbox: asyncio.Queue[Message] = asyncio.Queue()
     inbox.put_nowait({"type": "websocket.connect"})
     sent: list[Message] = []
 
