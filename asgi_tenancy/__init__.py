@@ -30,23 +30,45 @@ from .errors import (
     TenantStoreUnavailable,
     UnsafeQuery,
 )
-from .store import InMemoryTenantStore, TenantStore, load_tenant
+from .log import TenantLogFilter
+from .middleware import Authorize, TenancyMiddleware
+from .resolvers import (
+    ChainPolicy,
+    HeaderResolver,
+    JWTClaimResolver,
+    PathResolver,
+    Resolver,
+    ResolverChain,
+    SubdomainResolver,
+)
+from .store import CachedTenantStore, InMemoryTenantStore, TenantStore, check_record, load_tenant
 from .tenant import Tenant, TenantStatus, validate_tenant_id
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Authorize",
+    "CachedTenantStore",
+    "ChainPolicy",
+    "HeaderResolver",
     "InMemoryTenantStore",
     "InvalidTenantIdentifier",
     "InvalidToken",
     "IsolationConfigError",
+    "JWTClaimResolver",
+    "PathResolver",
+    "Resolver",
+    "ResolverChain",
     "SessionTenantMismatch",
+    "SubdomainResolver",
     "TenancyError",
+    "TenancyMiddleware",
     "TenancyUnavailable",
     "Tenant",
     "TenantCapacityExceeded",
     "TenantConflict",
     "TenantContextError",
+    "TenantLogFilter",
     "TenantNotFound",
     "TenantStatus",
     "TenantStore",
@@ -57,6 +79,7 @@ __all__ = [
     "bind_context",
     "capture",
     "central_scope",
+    "check_record",
     "current_tenant",
     "current_tenant_or_none",
     "in_central_scope",

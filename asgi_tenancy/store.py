@@ -7,13 +7,21 @@ store fails closed instead of scoping a request to the wrong tenant.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
-from .errors import TenantNotFound, TenantStoreContractError, TenantStoreUnavailable
+from .errors import (
+    IsolationConfigError,
+    TenantNotFound,
+    TenantStoreContractError,
+    TenantStoreUnavailable,
+)
 from .tenant import Tenant, validate_tenant_id
 
-__all__ = ["InMemoryTenantStore", "TenantStore", "load_tenant"]
+__all__ = ["CachedTenantStore", "InMemoryTenantStore", "TenantStore", "check_record", "load_tenant"]
 
 
 @runtime_checkable
@@ -79,3 +87,97 @@ async def load_tenant(store: TenantStore, tenant_id: str) -> Tenant:
     if tenant is None or not tenant.is_active:
         raise TenantNotFound()
     return tenant
+
+
+class CachedTenantStore:
+    """A TTL cache in front of a slow store, with single-flight loading and a hard bound.
+
+    Holds at most ``max_entries`` answers (least recently used evicted first), each at most
+    ``ttl`` seconds old (``negative_ttl`` for "unknown"), so a suspension or deletion is seen
+    within ``ttl`` seconds, at once after ``invalidate``. Concurrent misses for one id share a
+    single store call; a store that raises or exceeds ``timeout`` gives
+    ``TenantStoreUnavailable``, which is never cached.
+    """
+
+    def __init__(
+        self,
+        store: TenantStore,
+        *,
+        ttl: float = 60.0,
+        negative_ttl: float = 5.0,
+        max_entries: int = 10_000,
+        timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not callable(getattr(store, "get", None)):
+            raise IsolationConfigError("CachedTenantStore wraps a TenantStore")
+        for name, value in (("ttl", ttl), ("negative_ttl", negative_ttl), ("timeout", timeout)):
+            if not isinstance(value, int | float) or value <= 0:
+                raise IsolationConfigError(f"CachedTenantStore {name} must be a positive number")
+        if negative_ttl > ttl:
+            raise IsolationConfigError("CachedTenantStore negative_ttl must not exceed ttl")
+        if not isinstance(max_entries, int) or max_entries < 1:
+            raise IsolationConfigError("CachedTenantStore max_entries must be a positive integer")
+        self.store = store
+        self.ttl = float(ttl)
+        self.negative_ttl = float(negative_ttl)
+        self.max_entries = max_entries
+        self.timeout = float(timeout)
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, Tenant | None]] = OrderedDict()
+        self._loading: dict[str, asyncio.Task[Tenant | None]] = {}
+        self._generation = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, tenant_id: str) -> Tenant | None:
+        validate_tenant_id(tenant_id)
+        entry = self._entries.get(tenant_id)
+        if entry is not None:
+            if entry[0] > self._clock():
+                self._entries.move_to_end(tenant_id)
+                return entry[1]
+            del self._entries[tenant_id]
+        task = self._loading.get(tenant_id)
+        if task is None:
+            task = asyncio.ensure_future(self._load(tenant_id, self._generation))
+            self._loading[tenant_id] = task
+            task.add_done_callback(lambda done: self._loaded(tenant_id, done))
+        # Shielded: one caller giving up (a client disconnect) never cancels the others' load.
+        return await asyncio.shield(task)
+
+    def invalidate(self, tenant_id: str) -> None:
+        """Forget one tenant now (after a suspension, a deletion or an attribute change)."""
+        self._generation += 1
+        self._entries.pop(tenant_id, None)
+        self._loading.pop(tenant_id, None)
+
+    def clear(self) -> None:
+        """Forget every tenant."""
+        self._generation += 1
+        self._entries.clear()
+        self._loading.clear()
+
+    async def _load(self, tenant_id: str, generation: int) -> Tenant | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                record = await self.store.get(tenant_id)
+        except TenantStoreUnavailable:
+            raise
+        except Exception as exc:  # TimeoutError included
+            raise TenantStoreUnavailable() from exc
+        tenant = check_record(tenant_id, record)
+        if generation == self._generation:  # an invalidation since makes this answer stale
+            ttl = self.negative_ttl if tenant is None else self.ttl
+            self._entries[tenant_id] = (self._clock() + ttl, tenant)
+            self._entries.move_to_end(tenant_id)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return tenant
+
+    def _loaded(self, tenant_id: str, task: asyncio.Task[Tenant | None]) -> None:
+        if self._loading.get(tenant_id) is task:
+            del self._loading[tenant_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a load nobody awaited never logs as lost

@@ -1,0 +1,138 @@
+"""``TenancyMiddleware``: resolve the tenant, load it, and run the application inside its scope."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeAlias
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._asgi import reject, route_path
+from .context import tenant_scope
+from .errors import IsolationConfigError, TenancyError, TenantContextError, TenantNotFound
+from .resolvers import ChainPolicy, Resolver, ResolverChain
+from .store import TenantStore, load_tenant
+from .tenant import Tenant
+
+__all__ = ["Authorize", "TenancyMiddleware"]
+
+Authorize: TypeAlias = Callable[[HTTPConnection, Tenant], bool | Awaitable[bool]]
+
+_log = logging.getLogger("asgi_tenancy.middleware")
+_EXEMPT_PATH = re.compile(r"(?:/[^/?#]+)+\Z")
+
+
+class TenancyMiddleware:
+    """Run each http and websocket request inside the scope of the tenant it names.
+
+    ``resolvers`` name the tenant, ``store`` loads it, ``authorize`` (optional) checks that the
+    caller may act for it; ``exempt`` paths (health checks, docs) run with no tenant at all.
+    A request that names no tenant gets 400 (``TenantContextError``), never a default one.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        resolvers: Iterable[Resolver],
+        store: TenantStore,
+        exempt: Iterable[str] = (),
+        authorize: Authorize | None = None,
+        policy: ChainPolicy | str = ChainPolicy.ALL_AGREE,
+    ) -> None:
+        self.app = app
+        self._chain = ResolverChain(resolvers, policy=policy)
+        if not callable(getattr(store, "get", None)):
+            raise IsolationConfigError("TenancyMiddleware needs a store", hint="a TenantStore")
+        if authorize is not None and not callable(authorize):
+            raise IsolationConfigError("authorize must be a callable (connection, tenant)")
+        self._store = store
+        self._authorize = authorize
+        self._exempt = _compile_exempt(exempt)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if self._is_exempt(scope):
+            await self._run(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        try:
+            tenant_id = await self._chain.resolve(connection)
+            if tenant_id is None:
+                raise TenantContextError("the request names no tenant")
+            tenant = await load_tenant(self._store, tenant_id)
+            await self._check_member(connection, tenant)
+            scope = self._chain.route_scope(scope, tenant.id)
+        except TenancyError as exc:
+            if exc.status_code >= 500:  # the client sees a bare title; operators need the cause
+                _log.warning("tenant request refused: %s", exc.code, exc_info=exc)
+            await reject(scope, receive, send, exc)
+            return
+        scope = {**scope, "state": {**scope.get("state", {}), "tenant": tenant}}
+        async with tenant_scope(tenant):
+            await self._run(scope, receive, send)
+
+    def _is_exempt(self, scope: Scope) -> bool:
+        if self._exempt is None:
+            return False
+        path = route_path(scope)
+        if "/./" in path + "/" or "/../" in path + "/":
+            return False  # dot segments: the router and a proxy may disagree on what they name
+        return self._exempt.match(path) is not None
+
+    async def _check_member(self, connection: HTTPConnection, tenant: Tenant) -> None:
+        if self._authorize is None:
+            return
+        try:
+            allowed: Any = self._authorize(connection, tenant)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+        except Exception:
+            _log.exception("authorize hook raised; request denied")
+            allowed = False
+        if allowed is not True:  # only an explicit True lets the caller in
+            raise TenantNotFound()
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A TenancyError from downstream (no Starlette handler for it) still gets a problem
+        # response while nothing has been sent; once started, it can only propagate.
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except TenancyError as exc:
+            if started:
+                raise
+            await reject(scope, receive, send, exc)
+            if exc.status_code >= 500:
+                raise
+
+
+def _compile_exempt(paths: Iterable[str]) -> re.Pattern[str] | None:
+    if isinstance(paths, str):
+        raise IsolationConfigError("exempt takes a list of paths", hint="exempt=['/health']")
+    cleaned = []
+    for path in paths:
+        path = path.rstrip("/") if isinstance(path, str) else ""
+        if not _EXEMPT_PATH.match(path) or "/./" in path + "/" or "/../" in path + "/":
+            raise IsolationConfigError(
+                "an exempt path must be an absolute path below '/'",
+                hint="e.g. '/health' or '/docs'; '/' would exempt everything",
+            )
+        cleaned.append(re.escape(path))
+    if not cleaned:
+        return None
+    # Whole segments only: '/docs' exempts '/docs' and '/docs/x', never '/documents'.
+    return re.compile(r"(?:" + "|".join(cleaned) + r")(?:/|\Z)")

@@ -1,0 +1,118 @@
+"""The SQLAlchemy tenant store on a real PostgreSQL, read through the application role."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from asgi_tenancy import (
+    CachedTenantStore,
+    InvalidTenantIdentifier,
+    Tenant,
+    TenantNotFound,
+    TenantStatus,
+    TenantStoreContractError,
+    TenantStoreUnavailable,
+    load_tenant,
+)
+from asgi_tenancy.sqlalchemy.store import SqlAlchemyTenantStore, create_tenants_table, tenants_table
+
+
+@pytest.fixture
+async def store(admin_engine: AsyncEngine, app_engine: AsyncEngine) -> SqlAlchemyTenantStore:
+    await create_tenants_table(admin_engine)
+    async with admin_engine.begin() as conn:
+        await conn.execute(text("TRUNCATE public.tenants"))
+    return SqlAlchemyTenantStore(app_engine)
+
+
+async def test_a_tenant_put_is_read_back(store: SqlAlchemyTenantStore) -> None:
+    await store.put(Tenant("acme", attributes={"schema": "tenant_acme", "plan": "pro"}))
+    tenant = await store.get("acme")
+    assert tenant is not None
+    assert (tenant.id, tenant.status, dict(tenant.attributes)) == (
+        "acme",
+        TenantStatus.ACTIVE,
+        {"schema": "tenant_acme", "plan": "pro"},
+    )
+
+
+async def test_an_unknown_tenant_is_none(store: SqlAlchemyTenantStore) -> None:
+    assert await store.get("ghost") is None
+
+
+async def test_a_suspended_tenant_loads_as_not_found(store: SqlAlchemyTenantStore) -> None:
+    await store.put(Tenant("acme"))
+    await store.put(Tenant("acme", TenantStatus.SUSPENDED))
+    with pytest.raises(TenantNotFound):
+        await load_tenant(store, "acme")
+
+
+async def test_put_updates_and_moves_updated_at(
+    store: SqlAlchemyTenantStore, admin_engine: AsyncEngine
+) -> None:
+    await store.put(Tenant("acme", attributes={"plan": "free"}))
+    await store.put(Tenant("acme", attributes={"plan": "pro"}))
+    async with admin_engine.connect() as conn:
+        row = (
+            await conn.execute(text("SELECT attributes, created_at, updated_at FROM tenants"))
+        ).one()
+    assert row.attributes == {"plan": "pro"}
+    assert row.updated_at > row.created_at
+
+
+async def test_ids_differing_only_in_case_are_different_tenants(
+    store: SqlAlchemyTenantStore,
+) -> None:
+    await store.put(Tenant("acme"))
+    assert await store.get("ACME") is None
+
+
+async def test_a_malformed_row_is_a_contract_error(
+    store: SqlAlchemyTenantStore, admin_engine: AsyncEngine
+) -> None:
+    async with admin_engine.begin() as conn:
+        await conn.execute(
+            text("""INSERT INTO tenants (id, attributes) VALUES ('acme', '[1, 2]')""")
+        )
+        await conn.execute(text("""INSERT INTO tenants (id) VALUES ('bad id')"""))
+    with pytest.raises(TenantStoreContractError):
+        await store.get("acme")
+    with pytest.raises(InvalidTenantIdentifier):
+        await store.get("bad id")  # refused before any SQL
+
+
+async def test_an_unreachable_database_is_unavailable(pg_database: object) -> None:
+    engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    try:
+        with pytest.raises(TenantStoreUnavailable):
+            await SqlAlchemyTenantStore(engine).get("acme")
+    finally:
+        await engine.dispose()
+
+
+async def test_the_cache_in_front_makes_one_query_for_concurrent_misses(
+    store: SqlAlchemyTenantStore,
+) -> None:
+    await store.put(Tenant("acme"))
+    calls: list[str] = []
+    original = store.get
+
+    async def counted(tenant_id: str) -> Tenant | None:
+        calls.append(tenant_id)
+        return await original(tenant_id)
+
+    store.get = counted  # type: ignore[method-assign]
+    cached = CachedTenantStore(store)
+    tenants = await asyncio.gather(*(cached.get("acme") for _ in range(100)))
+    assert {t.id for t in tenants if t is not None} == {"acme"}
+    assert calls == ["acme"]
+
+
+def test_the_table_lives_in_a_named_shared_schema() -> None:
+    table = tenants_table()
+    assert table.schema == "public"
+    assert set(table.c.keys()) == {"id", "status", "attributes", "created_at", "updated_at"}
