@@ -1,0 +1,312 @@
+"""QueryScoping: shared tables on any SQLAlchemy dialect, confined by the ORM alone.
+
+No database feature backs it, so it holds against mistakes in ORM code, not against SQL the
+application writes by hand (or that an attacker injects into it). What it does instead:
+
+- every ORM select, update and delete of a tenant model, and every relationship load, gets the
+  tenant predicate (``with_loader_criteria``, the tenant always a bound parameter), ANDed
+  around the whole WHERE clause; new rows are stamped and a forged or changed tenant refused;
+- a statement it cannot confine is refused inside a tenant scope, before any SQL is sent:
+  ``text()``, ``exec_driver_sql()``, Core statements on tenant tables, SQL fragments
+  (``text()`` or ``literal_column()``) inside ORM statements, raw tables inside ORM statements,
+  and tables that are neither tenant nor declared shared;
+- the refusal sits on the engine too, so ``session.connection()`` or the engine itself used
+  inside a tenant scope cannot go around the session.
+
+A statement that confines itself (the SQL guard's output, or one you checked) can be run with
+``allow_unscoped(statement)``: the decision is visible in the code, never a default.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import MetaData, Table, event
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.selectable import Alias, TableClause
+
+from ..context import current_tenant_or_none, in_central_scope
+from ..errors import IsolationConfigError, UnsafeQuery
+from ..tenant import Tenant
+from .binding import BOUND_KEY, TenantBoundSession
+from .criteria import CRITERIA_KEY, TenantCriteria
+from .rls import Finding
+from .strategy import IsolationStrategy
+
+if TYPE_CHECKING:
+    from .database import TenantDatabase
+
+__all__ = ["ALLOW_UNSCOPED", "QueryScoping", "allow_unscoped"]
+
+ALLOW_UNSCOPED = "asgi_tenancy_allow_unscoped"  # execution option: the caller confines the SQL
+_APPROVED = "asgi_tenancy_scoped"  # execution option set by the session hook, value _TOKEN
+_TOKEN = object()
+_SESSION_KEY = "asgi_tenancy.scoping_session"  # connection info: weakref to the session
+_E = TypeVar("_E", bound=Executable)
+
+
+def allow_unscoped(statement: _E) -> _E:
+    """Mark ``statement`` as confined by its author; QueryScoping then lets it run in a scope."""
+    return statement.execution_options(**{ALLOW_UNSCOPED: True})
+
+
+class _Shape:
+    """What a statement touches, found by walking it once."""
+
+    __slots__ = ("entity_tables", "fragment", "mappers", "raw_tables", "tables")
+
+    def __init__(self) -> None:
+        self.tables: set[str] = set()
+        self.raw_tables: set[str] = set()  # tables referenced without an ORM entity
+        self.mappers: set[Mapper[Any]] = set()
+        self.entity_tables: set[str] = set()  # tables of the ORM entities in the statement
+        self.fragment = False  # text() or literal_column(): SQL the library cannot read
+
+
+def _shape(statement: object) -> _Shape:
+    shape = _Shape()
+    if not isinstance(statement, visitors.ExternallyTraversible):
+        shape.fragment = True
+        return shape
+    referenced: set[str] = set()  # tables named by raw (non-ORM) tables or columns
+    for element in visitors.iterate(statement):
+        annotations = getattr(element, "_annotations", None) or {}
+        mapper = annotations.get("parentmapper")
+        if mapper is not None:
+            shape.mappers.add(mapper)
+            shape.entity_tables.update(t.fullname for t in mapper.tables)
+        if isinstance(element, TextClause):
+            shape.fragment = True
+        elif isinstance(element, TableClause):
+            shape.tables.add(element.fullname)
+            if mapper is None:
+                referenced.add(element.fullname)
+        elif isinstance(element, ColumnClause):
+            if element.is_literal and element.name != "*":  # count(*) is the one literal allowed
+                shape.fragment = True
+            elif isinstance(element.table, TableClause):
+                shape.tables.add(element.table.fullname)
+                if mapper is None:
+                    referenced.add(element.table.fullname)
+        elif isinstance(element, Alias) and mapper is None:
+            inner = element.element
+            if isinstance(inner, TableClause):  # a Core alias: no criteria can follow it
+                shape.raw_tables.add(inner.fullname)
+    # A raw reference to a table the statement also selects as an ORM entity shares that
+    # entity's FROM, so the entity's criteria cover it (SQLAlchemy's own get() and lazy loads
+    # are written that way); one without such an entity would be read unfiltered.
+    shape.raw_tables.update(referenced - shape.entity_tables)
+    return shape
+
+
+class _ScopedCriteria(TenantCriteria):
+    """TenantCriteria that also refuses what it cannot confine, then approves the statement."""
+
+    def __init__(self, strategy: QueryScoping) -> None:
+        super().__init__(strategy.tenant_column)
+        self._strategy = strategy
+
+    def apply(
+        self, state: ORMExecuteState, tenant_id: str, extra: Iterable[Mapper[Any]] = ()
+    ) -> None:
+        allowed = bool(state.execution_options.get(ALLOW_UNSCOPED))
+        shape = _shape(state.statement)
+        if state.is_update and state.is_executemany:
+            raise UnsafeQuery(
+                "bulk_update_by_primary_key",
+                "ORM bulk UPDATE by primary key is refused in a tenant scope",
+                hint="use update(Model).where(...).values(...), or change loaded objects",
+            )
+        if not allowed:
+            # Relationship loads are written by SQLAlchemy from the parent's own columns.
+            self._strategy.refuse_unconfined(
+                shape, orm=state.is_orm_statement, trust_raw=state.is_relationship_load
+            )
+        if state.is_orm_statement:
+            super().apply(state, tenant_id, extra=(*extra, *shape.mappers))
+        state.update_execution_options(**{_APPROVED: _TOKEN})
+
+
+class QueryScoping(IsolationStrategy):
+    """Isolation by the ORM on tables shared by all tenants; any SQLAlchemy dialect.
+
+    ``metadata`` lists the application's tables: those with ``tenant_column`` are tenant
+    tables; every other one must be named in ``shared_tables`` (``validate()`` refuses an
+    unclassified table, and a statement on one is refused inside a tenant scope).
+    """
+
+    name = "query"
+
+    def __init__(
+        self,
+        *,
+        metadata: MetaData,
+        tenant_column: str = "tenant_id",
+        shared_tables: Iterable[str] = (),
+    ) -> None:
+        if not isinstance(metadata, MetaData):
+            raise IsolationConfigError(
+                "QueryScoping needs the application's MetaData",
+                hint="QueryScoping(metadata=Base.metadata, shared_tables={...})",
+            )
+        if not tenant_column:
+            raise IsolationConfigError("the tenant column name cannot be empty")
+        self.metadata = metadata
+        self.tenant_column = tenant_column
+        self.shared_tables = frozenset(shared_tables)
+        self._criteria = _ScopedCriteria(self)
+
+    # -- classification --------------------------------------------------------------------
+
+    def _tables(self) -> Mapping[str, Table]:
+        return {t.fullname: t for t in self.metadata.sorted_tables}
+
+    def is_shared(self, name: str) -> bool:
+        table = self.metadata.tables.get(name)
+        return (
+            table is not None
+            and self.tenant_column not in table.c
+            and (name in self.shared_tables or table.name in self.shared_tables)
+        )
+
+    def refuse_unconfined(self, shape: _Shape, *, orm: bool, trust_raw: bool = False) -> None:
+        """Raise ``UnsafeQuery`` unless the criteria can confine every part of the statement."""
+        if shape.fragment:
+            raise UnsafeQuery(
+                "raw_sql",
+                "raw SQL (text(), literal_column(), a SQL string) is refused in a tenant scope",
+                hint="write it with the ORM, or run a statement you confined yourself through "
+                "allow_unscoped()",
+            )
+        for name in sorted(shape.tables):
+            table = self.metadata.tables.get(name)
+            if table is None or (self.tenant_column not in table.c and not self.is_shared(name)):
+                raise UnsafeQuery(
+                    "unregistered_table",
+                    "a table that is neither a tenant table nor declared shared was refused",
+                    hint="add the tenant column to it, or list it in shared_tables",
+                )
+            raw = name in shape.raw_tables and not trust_raw
+            if self.tenant_column in table.c and (not orm or raw):
+                raise UnsafeQuery(
+                    "core_statement",
+                    "a Core statement or raw table on a tenant table is refused in a tenant scope",
+                    hint="query the mapped class instead of its Table",
+                )
+
+    # -- strategy hooks --------------------------------------------------------------------
+
+    def attach(self, database: TenantDatabase) -> None:
+        engine = database.engine.sync_engine
+        if not event.contains(engine, "before_cursor_execute", self._guard_cursor):
+            event.listen(engine, "before_cursor_execute", self._guard_cursor)
+            event.listen(engine.pool, "checkin", _forget_session)
+
+    def configure_session(self, session: Session, tenant: Tenant) -> None:
+        session.info[CRITERIA_KEY] = self._criteria
+        session.info[_SCOPING_KEY] = self
+
+    async def validate(self, database: TenantDatabase) -> None:
+        findings = self.check()
+        if findings:
+            raise IsolationConfigError(
+                "query scoping would not hold: " + "; ".join(str(f) for f in findings),
+                hint=findings[0].fix,
+            )
+
+    def check(self) -> list[Finding]:
+        """Every configuration finding; reads no database."""
+        findings: list[Finding] = []
+        tables = self._tables()
+        for name, table in tables.items():
+            tenant = self.tenant_column in table.c
+            declared = name in self.shared_tables or table.name in self.shared_tables
+            if tenant and declared:
+                findings.append(
+                    Finding(
+                        "Q002",
+                        name,
+                        "declared shared but has the tenant column",
+                        "remove it from shared_tables (or drop the column)",
+                    )
+                )
+            elif not tenant and not declared:
+                findings.append(
+                    Finding(
+                        "Q001",
+                        name,
+                        "table has no tenant column and is not declared shared",
+                        f"add a {self.tenant_column} column, or list it in shared_tables",
+                    )
+                )
+            elif tenant and table.c[self.tenant_column].nullable:
+                findings.append(
+                    Finding(
+                        "Q004",
+                        name,
+                        "the tenant column is nullable",
+                        f"declare {self.tenant_column} NOT NULL",
+                    )
+                )
+        names = set(tables) | {t.name for t in tables.values()}
+        for name in sorted(self.shared_tables - names):
+            findings.append(
+                Finding(
+                    "Q003",
+                    name,
+                    "listed in shared_tables but not in the metadata",
+                    "fix the name, or add the table to the metadata",
+                )
+            )
+        return findings
+
+    # -- the engine guard ------------------------------------------------------------------
+
+    def _guard_cursor(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        """Inside a tenant scope (or a bound transaction), refuse SQL no session approved."""
+        if (
+            current_tenant_or_none() is None
+            and not in_central_scope()
+            and conn.info.get(BOUND_KEY) is None
+        ):
+            return  # start-up, migrations, scripts: no tenant anywhere
+        options = context.execution_options if context is not None else {}
+        if options.get(_APPROVED) is _TOKEN or options.get(ALLOW_UNSCOPED):
+            return
+        ref = conn.info.get(_SESSION_KEY)
+        session = ref() if ref is not None else None
+        if session is not None and getattr(session, "_flushing", False):
+            return  # the unit of work: new rows stamped, changes checked in before_flush
+        compiled = getattr(context, "compiled", None)
+        shape = _shape(compiled.statement if compiled is not None else statement)
+        self.refuse_unconfined(shape, orm=False)
+
+
+_SCOPING_KEY = "asgi_tenancy.query_scoping"  # Session.info: the QueryScoping of the session
+
+
+@event.listens_for(TenantBoundSession, "after_begin")
+def _remember_session(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    if session.info.get(_SCOPING_KEY) is not None:
+        connection.info[_SESSION_KEY] = weakref.ref(session)
+
+
+def _forget_session(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info.pop(_SESSION_KEY, None)
