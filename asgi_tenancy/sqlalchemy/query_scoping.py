@@ -19,6 +19,7 @@ A statement that confines itself (the SQL guard's output, or one you checked) ca
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,7 +30,8 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.base import Executable
-from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.elements import ColumnClause, TextClause, quoted_name
+from sqlalchemy.sql.operators import custom_op
 from sqlalchemy.sql.selectable import Alias, TableClause
 
 from ..context import current_tenant_or_none, in_central_scope
@@ -60,14 +62,33 @@ def allow_unscoped(statement: _E) -> _E:
 class _Shape:
     """What a statement touches, found by walking it once."""
 
-    __slots__ = ("entity_tables", "fragment", "mappers", "raw_tables", "tables")
+    __slots__ = ("fragment", "mappers", "raw_tables", "tables")
 
     def __init__(self) -> None:
         self.tables: set[str] = set()
-        self.raw_tables: set[str] = set()  # tables referenced without an ORM entity
+        self.raw_tables: set[str] = set()  # tables read without an ORM entity to filter them
         self.mappers: set[Mapper[Any]] = set()
-        self.entity_tables: set[str] = set()  # tables of the ORM entities in the statement
-        self.fragment = False  # text() or literal_column(): SQL the library cannot read
+        self.fragment = False  # SQL the library cannot read: text, literal names, hints
+
+
+# Custom operators (``column.op("...")``) render their string as SQL; only symbols are read as
+# an operator, a word such as OR could reorder the statement around the tenant predicate.
+_SAFE_OPERATOR = re.compile(r"[!#%&*+\-/<=>?@^~:]+\Z")
+
+
+def _is_fragment(element: object) -> bool:
+    if isinstance(element, TextClause):
+        return True
+    name = getattr(element, "name", None)
+    if isinstance(name, quoted_name) and name.quote is False:
+        return True  # rendered verbatim, unquoted
+    if isinstance(element, ColumnClause) and element.is_literal:
+        return element.name != "*"  # count(*) is the one literal allowed
+    for pasted in ("_hints", "_statement_hints", "_prefixes", "_suffixes"):
+        if getattr(element, pasted, None):
+            return True  # hints, prefixes and suffixes are pasted into the SQL as they are
+    operator = getattr(element, "operator", None)
+    return isinstance(operator, custom_op) and not _SAFE_OPERATOR.match(operator.opstring)
 
 
 def _shape(statement: object) -> _Shape:
@@ -75,34 +96,46 @@ def _shape(statement: object) -> _Shape:
     if not isinstance(statement, visitors.ExternallyTraversible):
         shape.fragment = True
         return shape
-    referenced: set[str] = set()  # tables named by raw (non-ORM) tables or columns
+    # Raw (non-ORM) references to tables, by how many times each is met; the table inside an
+    # ORM alias (aliased(Model)) is met once for that alias, and the alias carries criteria.
+    raw: dict[TableClause, int] = {}
+    raw_columns: set[TableClause] = set()
+    in_orm_alias: dict[TableClause, int] = {}
+    entities: set[TableClause] = set()  # tables the statement selects as plain ORM entities
     for element in visitors.iterate(statement):
         annotations = getattr(element, "_annotations", None) or {}
         mapper = annotations.get("parentmapper")
         if mapper is not None:
             shape.mappers.add(mapper)
-            shape.entity_tables.update(t.fullname for t in mapper.tables)
-        if isinstance(element, TextClause):
+        if _is_fragment(element):
             shape.fragment = True
-        elif isinstance(element, TableClause):
+        if isinstance(element, TableClause):
             shape.tables.add(element.fullname)
             if mapper is None:
-                referenced.add(element.fullname)
-        elif isinstance(element, ColumnClause):
-            if element.is_literal and element.name != "*":  # count(*) is the one literal allowed
-                shape.fragment = True
-            elif isinstance(element.table, TableClause):
-                shape.tables.add(element.table.fullname)
-                if mapper is None:
-                    referenced.add(element.table.fullname)
-        elif isinstance(element, Alias) and mapper is None:
+                raw[element] = raw.get(element, 0) + 1
+            else:
+                entities.update(mapper.tables)
+        elif isinstance(element, ColumnClause) and isinstance(element.table, TableClause):
+            shape.tables.add(element.table.fullname)
+            if mapper is None:
+                raw_columns.add(element.table)
+            else:
+                entities.add(element.table)
+        elif isinstance(element, Alias) and isinstance(element.element, TableClause):
             inner = element.element
-            if isinstance(inner, TableClause):  # a Core alias: no criteria can follow it
+            if mapper is None:  # a Core alias: no criteria can follow it
                 shape.raw_tables.add(inner.fullname)
-    # A raw reference to a table the statement also selects as an ORM entity shares that
-    # entity's FROM, so the entity's criteria cover it (SQLAlchemy's own get() and lazy loads
-    # are written that way); one without such an entity would be read unfiltered.
-    shape.raw_tables.update(referenced - shape.entity_tables)
+            else:
+                in_orm_alias[inner] = in_orm_alias.get(inner, 0) + 1
+    # A raw reference to the very table the statement also selects as an (unaliased) ORM entity
+    # shares that entity's FROM, so the entity's criteria cover it: SQLAlchemy's own get() and
+    # lazy loads are written that way. Any other raw reference would be read unfiltered.
+    shape.raw_tables.update(table.fullname for table in raw_columns - entities)
+    shape.raw_tables.update(
+        table.fullname
+        for table, count in raw.items()
+        if table not in entities and count > in_orm_alias.get(table, 0)
+    )
     return shape
 
 

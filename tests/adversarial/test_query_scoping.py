@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    column,
     delete,
     event,
     func,
@@ -42,6 +43,7 @@ from sqlalchemy.orm import (
     subqueryload,
     with_parent,
 )
+from sqlalchemy.sql.elements import quoted_name
 
 from asgi_tenancy import (
     IsolationConfigError,
@@ -437,6 +439,26 @@ async def test_smuggled_criteria_stay_inside_the_tenant(db: TenantDatabase) -> N
             await s.execute(select(Project).join(alias, alias.c.id == Project.id))
         with pytest.raises(UnsafeQuery):
             await s.execute(select(Project.name, TASKS.c.title))
+        smuggled_op = Project.id.op("= 0 OR 1 = 1 OR projects.id =", precedence=100)(1)
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).where(smuggled_op))
+        verbatim = column(quoted_name("1 = 1 OR 1 = 1", quote=False))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).where(verbatim))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).suffix_with("OR 1 = 1"))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).with_statement_hint("OR 1 = 1"))
+        other_task = aliased(Task)
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(other_task.title, TASKS.c.title))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(insert(Project).prefix_with("OR REPLACE").values(id=1, name="x"))
+        ordered = (await s.scalars(select(Project).where(Project.id.op("<=")(3)))).all()
+        assert len(ordered) == 3
+        beside = aliased(Project)
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(beside).join(PROJECTS, true()))
         ored = (
             await s.scalars(select(Project).where(or_(Project.tenant_id == "globex", true())))
         ).all()
