@@ -51,6 +51,7 @@ ALLOW_UNSCOPED = "asgi_tenancy_allow_unscoped"  # execution option: the caller c
 _APPROVED = "asgi_tenancy_scoped"  # execution option set by the session hook, value _TOKEN
 _TOKEN = object()
 _SESSION_KEY = "asgi_tenancy.scoping_session"  # connection info: weakref to the session
+_SCOPING_KEY = "asgi_tenancy.query_scoping"  # Session.info: the QueryScoping of the session
 _E = TypeVar("_E", bound=Executable)
 
 
@@ -321,16 +322,14 @@ class QueryScoping(IsolationStrategy):
         options = context.execution_options if context is not None else {}
         if options.get(_APPROVED) is _TOKEN or options.get(ALLOW_UNSCOPED):
             return
-        ref = conn.info.get(_SESSION_KEY)
-        session = ref() if ref is not None else None
-        if session is not None and getattr(session, "_flushing", False):
-            return  # the unit of work: new rows stamped, changes checked in before_flush
         compiled = getattr(context, "compiled", None)
         shape = _shape(compiled.statement if compiled is not None else statement)
-        self.refuse_unconfined(shape, orm=False)
-
-
-_SCOPING_KEY = "asgi_tenancy.query_scoping"  # Session.info: the QueryScoping of the session
+        # The unit of work writes tenant tables with Core statements of its own; its rows were
+        # stamped and checked in before_flush. Raw SQL stays refused during a flush too.
+        ref = conn.info.get(_SESSION_KEY)
+        session = ref() if ref is not None else None
+        flushing = session is not None and bool(getattr(session, "_flushing", False))
+        self.refuse_unconfined(shape, orm=flushing, trust_raw=flushing)
 
 
 @event.listens_for(TenantBoundSession, "after_begin")

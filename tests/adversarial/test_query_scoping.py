@@ -398,6 +398,18 @@ async def test_raw_sql_is_refused_in_a_scope(db: TenantDatabase, admin: AsyncEng
     assert await _unchanged(admin)
 
 
+async def test_raw_sql_in_a_flush_hook_is_refused(db: TenantDatabase, admin: AsyncEngine) -> None:
+    def hook(session: Any, flush_context: Any, instances: Any) -> None:
+        session.connection().exec_driver_sql("DELETE FROM tasks")
+
+    async with tenant_scope(ACME), db.session() as s:
+        event.listen(s.sync_session, "before_flush", hook)
+        s.add(Project(id=650, name="acme-hooked"))
+        with pytest.raises(UnsafeQuery):
+            await s.flush()
+    assert await _unchanged(admin)
+
+
 async def test_the_engine_itself_is_refused_in_a_scope(db: TenantDatabase) -> None:
     async with tenant_scope(ACME):
         async with db.engine.connect() as conn:
