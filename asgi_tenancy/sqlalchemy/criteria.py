@@ -97,6 +97,11 @@ class TenantCriteria:
             return
         statement: Any = state.statement
         keys = self._tenant_keys(mapper)
+        upsert = getattr(statement, "_post_values_clause", None)
+        if upsert is not None and type(upsert).__name__ != "OnConflictDoNothing":
+            # ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE: the row it updates is found by a
+            # unique key, not by the tenant, and its SET clause is not checked.
+            raise TenantContextError("an upsert that updates is refused on a tenant table")
         if getattr(statement, "select", None) is not None:
             raise TenantContextError(
                 "INSERT ... SELECT into a tenant table is refused: its rows cannot be checked"

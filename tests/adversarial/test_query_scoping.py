@@ -33,6 +33,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -316,6 +317,23 @@ async def test_forged_inserts_are_rejected(db: TenantDatabase, admin: AsyncEngin
             await s.execute(
                 insert(Project).from_select(["tenant_id", "id", "name"], select(Project))
             )
+    assert await _unchanged(admin)
+
+
+async def test_upserts_that_update_are_rejected(
+    backend: Backend, db: TenantDatabase, admin: AsyncEngine
+) -> None:
+    dialect_insert = postgresql.insert if backend.name == "postgresql" else sqlite.insert
+    upsert = dialect_insert(Project).values(id=1, name="pwned")
+    async with tenant_scope(ACME), db.session() as s:
+        with pytest.raises(TenantContextError):
+            await s.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=["tenant_id", "id"], set_={"tenant_id": "globex"}
+                )
+            )
+        await s.execute(upsert.on_conflict_do_nothing())
+        await s.commit()
     assert await _unchanged(admin)
 
 
