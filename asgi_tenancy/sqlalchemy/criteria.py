@@ -7,7 +7,7 @@ indexes (and distributed engines such as Citus) see the tenant in every query.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, with_loader_criteria
@@ -23,6 +23,10 @@ CRITERIA_KEY = "asgi_tenancy.criteria"  # Session.info: the TenantCriteria of th
 
 class TenantCriteria:
     """Which mapped classes carry the tenant column, and how they are filtered and stamped."""
+
+    # Inserts whose rows the ORM cannot check (upserts that update, INSERT ... SELECT, VALUES
+    # rows without the tenant) are refused when no database policy checks them instead.
+    refuse_unchecked: ClassVar[bool] = False
 
     def __init__(self, tenant_column: str = "tenant_id") -> None:
         self.tenant_column = tenant_column
@@ -97,25 +101,11 @@ class TenantCriteria:
             return
         statement: Any = state.statement
         keys = self._tenant_keys(mapper)
-        upsert = getattr(statement, "_post_values_clause", None)
-        if upsert is not None and type(upsert).__name__ != "OnConflictDoNothing":
-            # ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE: the row it updates is found by a
-            # unique key, not by the tenant, and its SET clause is not checked.
-            raise TenantContextError("an upsert that updates is refused on a tenant table")
-        if getattr(statement, "select", None) is not None:
-            raise TenantContextError(
-                "INSERT ... SELECT into a tenant table is refused: its rows cannot be checked"
-            )
-        if getattr(statement, "_multi_values", ()):
-            for row in statement._multi_values:
-                for values in row:
-                    if not isinstance(values, Mapping) or not any(
-                        self._is_tenant_key(k, keys) for k in values
-                    ):
-                        raise TenantContextError(
-                            "multi-row VALUES into a tenant table must name the tenant",
-                            hint="pass the rows as parameters: session.execute(insert(M), rows)",
-                        )
+        if self.refuse_unchecked:
+            self._refuse_unchecked(statement, keys)
+        for row in getattr(statement, "_multi_values", ()):
+            for values in row:
+                if isinstance(values, Mapping):
                     self._check_values(values, keys, tenant_id)
         values = getattr(statement, "_values", None) or {}
         stamped_by_values = any(self._is_tenant_key(k, keys) for k in values)
@@ -126,8 +116,28 @@ class TenantCriteria:
             state.parameters = [self._stamp_params(p, attr, keys, tenant_id) for p in params]
         elif params:
             state.parameters = self._stamp_params(params, attr, keys, tenant_id)
-        elif not stamped_by_values and not getattr(statement, "_multi_values", ()):
+        elif not stamped_by_values and not statement._multi_values and statement.select is None:
             state.statement = statement.values({attr: tenant_id})
+
+    def _refuse_unchecked(self, statement: Any, keys: set[object]) -> None:
+        upsert = getattr(statement, "_post_values_clause", None)
+        if upsert is not None and type(upsert).__name__ != "OnConflictDoNothing":
+            # ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE: the row it updates is found by a
+            # unique key, not by the tenant, and its SET clause is not checked.
+            raise TenantContextError("an upsert that updates is refused on a tenant table")
+        if getattr(statement, "select", None) is not None:
+            raise TenantContextError(
+                "INSERT ... SELECT into a tenant table is refused: its rows cannot be checked"
+            )
+        for row in getattr(statement, "_multi_values", ()):
+            for values in row:
+                if not isinstance(values, Mapping) or not any(
+                    self._is_tenant_key(k, keys) for k in values
+                ):
+                    raise TenantContextError(
+                        "multi-row VALUES into a tenant table must name the tenant",
+                        hint="pass the rows as parameters: session.execute(insert(M), rows)",
+                    )
 
     def _stamp_params(
         self, row: Mapping[str, Any], attr: str, keys: set[object], tenant_id: str

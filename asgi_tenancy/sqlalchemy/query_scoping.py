@@ -143,6 +143,8 @@ def _shape(statement: object) -> _Shape:
 class _ScopedCriteria(TenantCriteria):
     """TenantCriteria that also refuses what it cannot confine, then approves the statement."""
 
+    refuse_unchecked = True
+
     def __init__(self, strategy: QueryScoping) -> None:
         super().__init__(strategy.tenant_column)
         self._strategy = strategy

@@ -387,6 +387,25 @@ async def test_an_object_of_another_tenant_cannot_be_written(
     assert await _unchanged(admin)
 
 
+async def test_an_expired_object_is_checked_against_the_database(
+    backend: Backend, admin: AsyncEngine
+) -> None:
+    database = TenantDatabase(
+        backend.app_url, _strategy(), session_options={"expire_on_commit": True}
+    )
+    await database.validate()
+    async with tenant_scope(ACME), database.session() as s:
+        project = await s.get(Project, ("acme", 4))
+        assert project is not None
+        await s.commit()  # expires every attribute, the tenant column included
+        project.name = "acme-renamed"
+        await s.commit()
+    await database.dispose()
+    names = {(r.tenant_id, r.id): r.name for r in await _admin_rows(admin, PROJECTS)}
+    assert names[("acme", 4)] == "acme-renamed"
+    assert names[("globex", 4)] == "globex-project-4"
+
+
 # -- case 5: raw SQL -------------------------------------------------------------------------
 
 
@@ -625,24 +644,30 @@ async def test_concurrent_tenants_never_see_each_other(
     leaks: list[Any] = []
 
     async def work(i: int) -> None:
-        tenant = tenants[i % 3]
+        tenant, key = tenants[i % 3], 1000 + i // 3  # the three tenants insert the same keys
         async with tenant_scope(tenant), database.session() as s:
-            s.add(Project(id=1000 + i, name=f"{tenant.id}-concurrent-{i}"))
+            s.add(Project(id=key, name=f"{tenant.id}-concurrent-{i}"))
             await s.flush()
-            leaks.extend(foreign_rows((await s.scalars(select(Project))).all(), tenant))
-            mine = await s.get(Project, (tenant.id, 1000 + i))
-            leaks.extend(foreign_rows([mine], tenant))
+            same_key = (await s.scalars(select(Project).where(Project.id == key))).all()
+            leaks.extend(foreign_rows(same_key, tenant))
+            seeded = (await s.scalars(select(Project).where(Project.id <= 3))).all()
+            leaks.extend(foreign_rows(seeded, tenant))
             await s.commit()
-            leaks.extend(foreign_rows((await s.scalars(select(Task))).all(), tenant))
+            tasks = (await s.scalars(select(Task).where(Task.id <= 3))).all()
+            leaks.extend(foreign_rows(tasks, tenant))
+            counts.append(len(same_key))
 
+    counts: list[int] = []
     async with asyncio.TaskGroup() as group:
         for i in range(500):
             group.create_task(work(i))
     await database.dispose()
     assert leaks == []
+    assert counts == [1] * 500
     rows = [r for r in await _admin_rows(admin, PROJECTS) if r.id >= 1000]
+    expected = {(tenants[i % 3].id, 1000 + i // 3) for i in range(500)}
+    assert {(r.tenant_id, r.id) for r in rows} == expected
     assert len(rows) == 500
-    assert all(r.tenant_id == tenants[(r.id - 1000) % 3].id for r in rows)
 
 
 # -- case 11: an error mid-transaction -----------------------------------------------------
