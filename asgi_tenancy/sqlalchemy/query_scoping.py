@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import MetaData, Table, event
+from sqlalchemy import MetaData, Table, event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -32,7 +32,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnClause, TextClause, quoted_name
 from sqlalchemy.sql.operators import custom_op
-from sqlalchemy.sql.selectable import Alias, TableClause
+from sqlalchemy.sql.selectable import Alias, Select, TableClause
 
 from ..context import current_tenant_or_none, in_central_scope
 from ..errors import IsolationConfigError, UnsafeQuery
@@ -92,18 +92,49 @@ def _is_fragment(element: object) -> bool:
     return isinstance(operator, custom_op) and not _SAFE_OPERATOR.match(operator.opstring)
 
 
+def _hidden_criteria(element: Any) -> list[Any]:
+    """Criteria the walk does not reach: loader options and ``relationship.and_()`` joins."""
+    found: list[Any] = []
+    for option in getattr(element, "_with_options", ()):
+        criteria: Any = getattr(option, "where_criteria", None)
+        if getattr(option, "deferred_where_criteria", False):
+            entity = option.root_entity or getattr(option.entity, "class_", None)
+            try:
+                criteria = criteria._resolve_with_args(entity)
+            except Exception:  # an unreadable lambda is refused, not trusted
+                criteria = text("")
+        if criteria is not None:
+            found.append(criteria)
+        for load in getattr(option, "context", ()):
+            found.extend(getattr(load, "_extra_criteria", ()))
+    for join in getattr(element, "_setup_joins", ()):
+        found.extend(getattr(join[0], "_extra_criteria", ()))
+    return found
+
+
 def _shape(statement: object) -> _Shape:
     shape = _Shape()
-    if not isinstance(statement, visitors.ExternallyTraversible):
+    if isinstance(statement, visitors.ExternallyTraversible):
+        _walk_select(statement, shape)
+    else:
         shape.fragment = True
-        return shape
+    return shape
+
+
+def _walk_select(root: Any, shape: _Shape) -> None:
+    """Walk one SELECT (or DML statement); each nested SELECT is a scope of its own."""
     # Raw (non-ORM) references to tables, by how many times each is met; the table inside an
     # ORM alias (aliased(Model)) is met once for that alias, and the alias carries criteria.
     raw: dict[TableClause, int] = {}
     raw_columns: set[TableClause] = set()
     in_orm_alias: dict[TableClause, int] = {}
-    entities: set[TableClause] = set()  # tables the statement selects as plain ORM entities
-    for element in visitors.iterate(statement):
+    entities: set[TableClause] = set()  # tables this SELECT selects as plain ORM entities
+    todo: list[Any] = [root]
+    while todo:
+        element = todo.pop()
+        if element is not root and isinstance(element, Select):
+            _walk_select(element, shape)
+            continue
         annotations = getattr(element, "_annotations", None) or {}
         mapper = annotations.get("parentmapper")
         if mapper is not None:
@@ -128,7 +159,9 @@ def _shape(statement: object) -> _Shape:
                 shape.raw_tables.add(inner.fullname)
             else:
                 in_orm_alias[inner] = in_orm_alias.get(inner, 0) + 1
-    # A raw reference to the very table the statement also selects as an (unaliased) ORM entity
+        todo.extend(_hidden_criteria(element))
+        todo.extend(element.get_children())
+    # A raw reference to the very table this SELECT also selects as an (unaliased) ORM entity
     # shares that entity's FROM, so the entity's criteria cover it: SQLAlchemy's own get() and
     # lazy loads are written that way. Any other raw reference would be read unfiltered.
     shape.raw_tables.update(table.fullname for table in raw_columns - entities)
@@ -137,7 +170,6 @@ def _shape(statement: object) -> _Shape:
         for table, count in raw.items()
         if table not in entities and count > in_orm_alias.get(table, 0)
     )
-    return shape
 
 
 class _ScopedCriteria(TenantCriteria):
@@ -161,10 +193,7 @@ class _ScopedCriteria(TenantCriteria):
                 hint="use update(Model).where(...).values(...), or change loaded objects",
             )
         if not allowed:
-            # Relationship loads are written by SQLAlchemy from the parent's own columns.
-            self._strategy.refuse_unconfined(
-                shape, orm=state.is_orm_statement, trust_raw=state.is_relationship_load
-            )
+            self._strategy.refuse_unconfined(shape, orm=state.is_orm_statement)
         if state.is_orm_statement:
             super().apply(state, tenant_id, extra=(*extra, *shape.mappers))
         state.update_execution_options(**{_APPROVED: _TOKEN})

@@ -23,6 +23,7 @@ from sqlalchemy import (
     column,
     delete,
     event,
+    exists,
     func,
     insert,
     literal_column,
@@ -42,6 +43,7 @@ from sqlalchemy.orm import (
     joinedload,
     selectinload,
     subqueryload,
+    with_loader_criteria,
     with_parent,
 )
 from sqlalchemy.sql.elements import quoted_name
@@ -505,6 +507,18 @@ async def test_smuggled_criteria_stay_inside_the_tenant(db: TenantDatabase) -> N
             await s.execute(insert(Project).prefix_with("OR REPLACE").values(id=1, name="x"))
         ordered = (await s.scalars(select(Project).where(Project.id.op("<=")(3)))).all()
         assert len(ordered) == 3
+        sneaky = Project.tasks.and_(Task.project_id.in_(select(PROJECTS.c.id)))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).options(selectinload(sneaky)))
+        with pytest.raises(UnsafeQuery):  # an unfiltered subquery under a filtered entity
+            await s.execute(select(Project).where(Project.id.in_(select(PROJECTS.c.id))))
+        oracle = exists(select(PROJECTS.c.id).where(PROJECTS.c.name == "globex-project-1"))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).where(oracle))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).options(with_loader_criteria(Task, text("1=1"))))
+        with pytest.raises(UnsafeQuery):
+            await s.execute(select(Project).join(Project.tasks.and_(text("1=1 OR 1=1"))))
         beside = aliased(Project)
         with pytest.raises(UnsafeQuery):
             await s.execute(select(beside).join(PROJECTS, true()))
