@@ -724,8 +724,16 @@ async def test_the_leak_check_catches_a_leaky_configuration(
     leaky = await _open(backend, _Leaky(metadata=Base.metadata, shared_tables={"currencies"}))
     async with tenant_scope(ACME), leaky.session() as s:
         rows = (await s.scalars(select(Project))).all()
+        raw = (await s.execute(text("SELECT tenant_id, id, title FROM tasks"))).all()
         s.add(Project(tenant_id="globex", id=900, name="forged"))
         await s.commit()
+    assert len(foreign_rows(rows, ACME)) == ROWS_PER_TENANT  # reads
+    assert len(foreign_rows(raw, ACME)) == ROWS_PER_TENANT  # raw SQL
+    assert not await _unchanged(admin)  # writes
+    async with admin.begin() as conn:
+        await conn.execute(delete(PROJECTS).where(PROJECTS.c.id == 900))
+    async with tenant_scope(ACME), leaky.session() as s:
+        await s.execute(text("UPDATE tasks SET title = 'pwned'"))
+        await s.commit()
     await leaky.dispose()
-    assert len(foreign_rows(rows, ACME)) == ROWS_PER_TENANT
-    assert not await _unchanged(admin)
+    assert not await _unchanged(admin)  # raw writes
