@@ -193,7 +193,7 @@ class _ScopedCriteria(TenantCriteria):
                 hint="use update(Model).where(...).values(...), or change loaded objects",
             )
         if not allowed:
-            self._strategy.refuse_unconfined(shape, orm=state.is_orm_statement)
+            self._strategy._refuse_unconfined(shape, orm=state.is_orm_statement)
         if state.is_orm_statement:
             super().apply(state, tenant_id, extra=(*extra, *shape.mappers))
         state.update_execution_options(**{_APPROVED: _TOKEN})
@@ -233,7 +233,7 @@ class QueryScoping(IsolationStrategy):
     def _tables(self) -> Mapping[str, Table]:
         return {t.fullname: t for t in self.metadata.sorted_tables}
 
-    def is_shared(self, name: str) -> bool:
+    def _is_shared(self, name: str) -> bool:
         table = self.metadata.tables.get(name)
         return (
             table is not None
@@ -241,7 +241,7 @@ class QueryScoping(IsolationStrategy):
             and (name in self.shared_tables or table.name in self.shared_tables)
         )
 
-    def refuse_unconfined(self, shape: _Shape, *, orm: bool, trust_raw: bool = False) -> None:
+    def _refuse_unconfined(self, shape: _Shape, *, orm: bool, trust_raw: bool = False) -> None:
         """Raise ``UnsafeQuery`` unless the criteria can confine every part of the statement."""
         if shape.fragment:
             raise UnsafeQuery(
@@ -252,7 +252,7 @@ class QueryScoping(IsolationStrategy):
             )
         for name in sorted(shape.tables):
             table = self.metadata.tables.get(name)
-            if table is None or (self.tenant_column not in table.c and not self.is_shared(name)):
+            if table is None or (self.tenant_column not in table.c and not self._is_shared(name)):
                 raise UnsafeQuery(
                     "unregistered_table",
                     "a table that is neither a tenant table nor declared shared was refused",
@@ -360,7 +360,7 @@ class QueryScoping(IsolationStrategy):
         ref = conn.info.get(_SESSION_KEY)
         session = ref() if ref is not None else None
         flushing = session is not None and bool(getattr(session, "_flushing", False))
-        self.refuse_unconfined(shape, orm=flushing, trust_raw=flushing)
+        self._refuse_unconfined(shape, orm=flushing, trust_raw=flushing)
 
 
 @event.listens_for(TenantBoundSession, "after_begin")
