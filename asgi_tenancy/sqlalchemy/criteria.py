@@ -6,35 +6,27 @@ indexes (and distributed engines such as Citus) see the tenant in every query.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, with_loader_criteria
+from sqlalchemy.sql.elements import BindParameter, ClauseElement
 
-from ..errors import IsolationConfigError, TenantContextError
+from ..errors import TenantContextError
 from .binding import TENANT_KEY, TenantBoundSession
 
 __all__ = ["CRITERIA_KEY", "TenantCriteria"]
 
 CRITERIA_KEY = "asgi_tenancy.criteria"  # Session.info: the TenantCriteria of the session
 
-# mapper -> attribute key of its tenant column. Read by the criteria lambda through a global, so
-# SQLAlchemy's lambda caching tracks only the tenant id (a bound parameter), never the key.
-# Bounded by the number of mapped classes.
-_TENANT_ATTRS: dict[Mapper[Any], str] = {}
-
-
-def _tenant_attr(cls: Any) -> Any:
-    return getattr(cls, _TENANT_ATTRS[cls.__mapper__])
-
-
-def _register(mapper: Mapper[Any], key: str) -> None:
-    if _TENANT_ATTRS.setdefault(mapper, key) != key:
-        raise IsolationConfigError("a mapped class cannot have two different tenant columns")
-
 
 class TenantCriteria:
     """Which mapped classes carry the tenant column, and how they are filtered and stamped."""
+
+    # Inserts whose rows the ORM cannot check (upserts that update, INSERT ... SELECT, VALUES
+    # rows without the tenant) are refused when no database policy checks them instead.
+    refuse_unchecked: ClassVar[bool] = False
 
     def __init__(self, tenant_column: str = "tenant_id") -> None:
         self.tenant_column = tenant_column
@@ -57,46 +49,160 @@ class TenantCriteria:
                     seen.add(m)
                     todo.extend(rel.mapper for rel in m.relationships)
             found = tuple(m for m in seen if self.is_tenant_mapper(m))
-            for m in found:
-                _register(m, m.get_property_by_column(m.columns[self.tenant_column]).key)
             self._reach[mapper] = found
         return found
 
-    def apply(self, state: ORMExecuteState, tenant_id: str) -> None:
+    def _attr(self, mapper: Mapper[Any]) -> str:
+        return mapper.get_property_by_column(mapper.columns[self.tenant_column]).key
+
+    def apply(
+        self, state: ORMExecuteState, tenant_id: str, extra: Iterable[Mapper[Any]] = ()
+    ) -> None:
+        """Add the tenant predicate to ORM reads, updates and deletes; check ORM insert values."""
+        if state.is_insert:
+            self._check_insert(state, tenant_id)
+            return
         if not (state.is_select or state.is_update or state.is_delete):
             return
+        if state.is_update:
+            self._check_update(state, tenant_id)
         mappers: set[Mapper[Any]] = set()
-        for mapper in state.all_mappers:
+        for mapper in (*state.all_mappers, *extra):
             mappers.update(self._reachable(mapper))
         if not mappers:
             return
+        # The tenant is a plain value, so it becomes a bound parameter of the cached statement.
         options = [
             with_loader_criteria(
-                m.class_, lambda cls: _tenant_attr(cls) == tenant_id, include_aliases=True
+                m.class_,
+                # The mapped attribute, not the Column: its ORM annotations let SQLAlchemy adapt
+                # the predicate to aliases (joined eager loads, aliased()).
+                getattr(m.class_, self._attr(m)) == tenant_id,
+                include_aliases=True,
             )
             for m in sorted(mappers, key=lambda m: m.class_.__qualname__)
         ]
         state.statement = state.statement.options(*options)
 
+    def _tenant_keys(self, mapper: Mapper[Any]) -> set[object]:
+        column = mapper.columns[self.tenant_column]
+        return {self._attr(mapper), column.key, column.name, column}
+
+    def _is_tenant_key(self, key: object, keys: set[object]) -> bool:
+        if isinstance(key, str):
+            return key in keys
+        if key in keys:
+            return True
+        return getattr(key, "key", None) in keys and getattr(key, "class_", None) is not None
+
+    def _check_insert(self, state: ORMExecuteState, tenant_id: str) -> None:
+        mapper = state.bind_mapper
+        if mapper is None or not self.is_tenant_mapper(mapper):
+            return
+        statement: Any = state.statement
+        keys = self._tenant_keys(mapper)
+        if self.refuse_unchecked:
+            self._refuse_unchecked(statement, keys)
+        for row in getattr(statement, "_multi_values", ()):
+            for values in row:
+                if isinstance(values, Mapping):
+                    self._check_values(values, keys, tenant_id)
+        values = getattr(statement, "_values", None) or {}
+        stamped_by_values = any(self._is_tenant_key(k, keys) for k in values)
+        self._check_values(values, keys, tenant_id)
+        attr = self._attr(mapper)
+        params: Any = state.parameters
+        if isinstance(params, list):
+            state.parameters = [self._stamp_params(p, attr, keys, tenant_id) for p in params]
+        elif params:
+            state.parameters = self._stamp_params(params, attr, keys, tenant_id)
+        elif not stamped_by_values and not statement._multi_values and statement.select is None:
+            state.statement = statement.values({attr: tenant_id})
+
+    def _refuse_unchecked(self, statement: Any, keys: set[object]) -> None:
+        upsert = getattr(statement, "_post_values_clause", None)
+        if upsert is not None and type(upsert).__name__ != "OnConflictDoNothing":
+            # ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE: the row it updates is found by a
+            # unique key, not by the tenant, and its SET clause is not checked.
+            raise TenantContextError("an upsert that updates is refused on a tenant table")
+        if getattr(statement, "select", None) is not None:
+            raise TenantContextError(
+                "INSERT ... SELECT into a tenant table is refused: its rows cannot be checked"
+            )
+        for row in getattr(statement, "_multi_values", ()):
+            for values in row:
+                if not isinstance(values, Mapping) or not any(
+                    self._is_tenant_key(k, keys) for k in values
+                ):
+                    raise TenantContextError(
+                        "multi-row VALUES into a tenant table must name the tenant",
+                        hint="pass the rows as parameters: session.execute(insert(M), rows)",
+                    )
+
+    def _stamp_params(
+        self, row: Mapping[str, Any], attr: str, keys: set[object], tenant_id: str
+    ) -> dict[str, Any]:
+        stamped = dict(row)
+        for key in [k for k in stamped if k in keys]:
+            if stamped[key] != tenant_id:
+                raise TenantContextError("a new row names another tenant")
+        stamped.setdefault(attr, tenant_id)
+        return stamped
+
+    def _check_values(self, values: Mapping[Any, Any], keys: set[object], tenant_id: str) -> None:
+        for key, value in values.items():
+            if not self._is_tenant_key(key, keys):
+                continue
+            literal = getattr(value, "value", value) if isinstance(value, BindParameter) else value
+            if isinstance(value, BindParameter) and value.callable is not None:
+                literal = None
+            if isinstance(literal, ClauseElement) or literal != tenant_id:
+                raise TenantContextError("a new row names another tenant")
+
+    def _check_update(self, state: ORMExecuteState, tenant_id: str) -> None:
+        mapper = state.bind_mapper
+        if mapper is None or not self.is_tenant_mapper(mapper):
+            return
+        keys = self._tenant_keys(mapper)
+        statement: Any = state.statement
+        values = getattr(statement, "_values", None) or {}
+        if any(self._is_tenant_key(k, keys) for k in values):
+            raise TenantContextError("the tenant of a row cannot be changed")
+        params: Any = state.parameters
+        rows = params if isinstance(params, list) else [params] if params else []
+        for row in rows:
+            for key in row:
+                if key in keys and row[key] != tenant_id:
+                    raise TenantContextError("the tenant of a row cannot be changed")
+
     def stamp(self, session: Session, tenant_id: str) -> None:
-        """Fill the tenant column of new objects; refuse a forged or changed one."""
+        """Fill the tenant column of new objects; refuse a forged or changed one.
+
+        Changed and deleted objects must belong to the tenant too: an object loaded by another
+        tenant's session and added to this one would otherwise be written by primary key.
+        """
         for obj in session.new:
             mapper = inspect(obj).mapper
             if not self.is_tenant_mapper(mapper):
                 continue
-            attr = mapper.get_property_by_column(mapper.columns[self.tenant_column]).key
+            attr = self._attr(mapper)
             value = getattr(obj, attr)
             if value is None:
                 setattr(obj, attr, tenant_id)
             elif value != tenant_id:
                 raise TenantContextError("a new row names another tenant")
-        for obj in session.dirty:
+        for obj in (*session.dirty, *session.deleted):
             state = inspect(obj)
             if not self.is_tenant_mapper(state.mapper):
                 continue
-            attr = state.mapper.get_property_by_column(state.mapper.columns[self.tenant_column]).key
-            if state.attrs[attr].history.has_changes():
+            attr = self._attr(state.mapper)
+            history = state.attrs[attr].history
+            if history.has_changes():
                 raise TenantContextError("the tenant of a row cannot be changed")
+            if attr not in state.dict:
+                session.refresh(obj, [attr])  # scoped: another tenant's row is not found
+            if state.dict.get(attr) != tenant_id:
+                raise TenantContextError("this row belongs to another tenant")
 
 
 @event.listens_for(TenantBoundSession, "do_orm_execute")
