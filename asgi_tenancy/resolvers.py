@@ -86,6 +86,8 @@ class ResolverChain:
                 raise IsolationConfigError(
                     "a resolver has no resolve() method", hint="subclass asgi_tenancy.Resolver"
                 )
+        # Found once here: isinstance() against a Protocol subclass is slow on every request.
+        self._path_resolvers = tuple(r for r in self.resolvers if isinstance(r, PathResolver))
         try:
             self.policy = ChainPolicy(policy)
         except ValueError:
@@ -111,9 +113,8 @@ class ResolverChain:
 
     def route_scope(self, scope: Scope, tenant_id: str) -> Scope:
         """The scope the application sees: path prefixes of stripping resolvers removed."""
-        for resolver in self.resolvers:
-            if isinstance(resolver, PathResolver):
-                scope = resolver.route_scope(scope, tenant_id)
+        for resolver in self._path_resolvers:
+            scope = resolver.route_scope(scope, tenant_id)
         return scope
 
 
@@ -125,9 +126,16 @@ class HeaderResolver(Resolver):
         if not isinstance(header, str) or not _HEADER_NAME.match(header):
             raise IsolationConfigError("HeaderResolver needs a valid header name")
         self.header = header
+        self._raw_name = header.encode("latin-1")
 
     def resolve(self, connection: HTTPConnection) -> str | None:
-        values = {value.strip(" \t") for value in connection.headers.getlist(self.header)}
+        # The raw ASGI header list (names arrive lower-cased): no Headers object per request.
+        name = self._raw_name
+        values = {
+            value.decode("latin-1").strip(" \t")
+            for key, value in connection.scope["headers"]
+            if key == name
+        }
         if not values:
             return None
         if len(values) > 1:
