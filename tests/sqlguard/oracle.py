@@ -1,0 +1,144 @@
+"""The differential oracle: a guarded query on the shared database, as a superuser (no RLS),
+must return exactly what the original returns on a database holding one tenant's rows only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Iterator
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+from pglast import parser
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from asgi_tenancy import Tenant, tenant_scope
+from asgi_tenancy.sqlguard import SqlGuard
+from tests.conftest import PgDatabase, PgServer, create_database, drop_database
+
+from .corpus import COUNTRIES, SCHEMA, SHARED_TABLES, TENANT_TABLES, TENANTS, tenant_rows
+
+COLUMNS = {
+    "countries": ("code", "name", "region"),
+    "customers": ("tenant_id", "id", "name", "country", "segment", "created_at"),
+    "orders": ("tenant_id", "id", "customer_id", "status", "total", "created_at"),
+    "order_items": ("tenant_id", "order_id", "line", "product", "quantity", "unit_price"),
+}
+
+
+def make_guard() -> SqlGuard:
+    return SqlGuard(TENANT_TABLES, SHARED_TABLES)
+
+
+def _literal(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, date):
+        return f"DATE '{value.isoformat()}'"
+    return repr(value)
+
+
+def insert_statements(table: str, rows: list[tuple[object, ...]]) -> Iterator[str]:
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        values = ", ".join("(" + ", ".join(_literal(v) for v in row) + ")" for row in chunk)
+        yield f"INSERT INTO {table} ({', '.join(COLUMNS[table])}) VALUES {values}"
+
+
+async def load(conn: AsyncConnection, tenants: tuple[str, ...], scale: int = 1) -> None:
+    for ddl in SCHEMA:
+        await conn.exec_driver_sql(ddl)
+    for statement in insert_statements("countries", list(COUNTRIES)):
+        await conn.exec_driver_sql(statement)
+    for tenant in tenants:
+        for table, rows in tenant_rows(tenant, scale).items():
+            for statement in insert_statements(table, rows):
+                await conn.exec_driver_sql(statement)
+    await conn.exec_driver_sql("ANALYZE")
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_norm(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, Decimal):
+        return value.normalize()
+    return value
+
+
+def is_ordered(sql: str) -> bool:
+    tree = json.loads(parser.parse_sql_json(sql))
+    return "sortClause" in tree["stmts"][0]["stmt"].get("SelectStmt", {})
+
+
+class Oracle:
+    """Runs queries on one event loop over one connection per database."""
+
+    def __init__(self, server: PgServer, shared: PgDatabase) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = server
+        self.guard = make_guard()
+        self.tenant_dbs = {t: create_database(server, f"sqlguard_{t}") for t in TENANTS}
+        self.engines: list[AsyncEngine] = []
+        self.shared = self._run(self._connect(shared.admin_url, TENANTS))
+        self.single = {
+            t: self._run(self._connect(db.admin_url, (t,))) for t, db in self.tenant_dbs.items()
+        }
+        self.compared = 0
+        self.nonempty = 0
+
+    def _run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    async def _connect(self, url: str, tenants: tuple[str, ...]) -> AsyncConnection:
+        engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+        self.engines.append(engine)
+        conn = await engine.connect()
+        await load(conn, tenants)
+        return conn
+
+    def close(self) -> None:
+        async def dispose() -> None:
+            for conn in [self.shared, *self.single.values()]:
+                await conn.close()
+            for engine in self.engines:
+                await engine.dispose()
+
+        self._run(dispose())
+        self.loop.close()
+        for db in self.tenant_dbs.values():
+            drop_database(self.server, db)
+
+    async def _rows(self, conn: AsyncConnection, statement: Any) -> list[tuple[Any, ...]]:
+        result = await (
+            conn.exec_driver_sql(statement)
+            if isinstance(statement, str)
+            else conn.execute(statement)
+        )
+        return [tuple(_norm(v) for v in row) for row in result.all()]
+
+    def check(self, sql: str, tenant: str) -> int:
+        """Assert the oracle for ``sql`` as ``tenant``; the number of rows compared."""
+        with tenant_scope(Tenant(tenant)):
+            guarded = self.guard.rewrite(sql)
+        got = self._run(self._rows(self.shared, guarded.statement))
+        want = self._run(self._rows(self.single[tenant], sql))
+        if is_ordered(sql):
+            assert got == want, (sql, guarded.sql)
+        else:
+            assert Counter(got) == Counter(want), (sql, guarded.sql)
+        self.compared += 1
+        self.nonempty += bool(want)
+        return len(want)
+
+    def fetch_shared(self, sql: str) -> list[tuple[Any, ...]]:
+        return self._run(self._rows(self.shared, text(sql)))  # type: ignore[no-any-return]
