@@ -13,7 +13,9 @@ from decimal import Decimal
 from typing import Any
 
 from pglast import parser
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from asgi_tenancy import Tenant, tenant_scope
@@ -75,6 +77,10 @@ def _norm(value: Any) -> Any:
     return value
 
 
+def _sqlstate(exc: DBAPIError) -> object:
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+
+
 def is_ordered(sql: str) -> bool:
     tree = json.loads(parser.parse_sql_json(sql))
     return "sortClause" in tree["stmts"][0]["stmt"].get("SelectStmt", {})
@@ -95,6 +101,7 @@ class Oracle:
         }
         self.compared = 0
         self.nonempty = 0
+        self.errors = 0
 
     def _run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -130,8 +137,16 @@ class Oracle:
         """Assert the oracle for ``sql`` as ``tenant``; the number of rows compared."""
         with tenant_scope(Tenant(tenant)):
             guarded = self.guard.rewrite(sql)
+        try:
+            want = self._run(self._rows(self.single[tenant], sql))
+        except DBAPIError as exc:
+            # an invalid query must stay invalid, with the same error, never read anything
+            with pytest.raises(DBAPIError) as info:
+                self._run(self._rows(self.shared, guarded.statement))
+            assert _sqlstate(info.value) == _sqlstate(exc), (sql, guarded.sql)
+            self.errors += 1
+            return 0
         got = self._run(self._rows(self.shared, guarded.statement))
-        want = self._run(self._rows(self.single[tenant], sql))
         if is_ordered(sql):
             assert got == want, (sql, guarded.sql)
         else:
