@@ -12,8 +12,8 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from pglast import parser
 import pytest
+from pglast import parser
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -140,10 +140,14 @@ class Oracle:
         try:
             want = self._run(self._rows(self.single[tenant], sql))
         except DBAPIError as exc:
+            error: DBAPIError | None = exc
+        else:
+            error = None
+        if error is not None:
             # an invalid query must stay invalid, with the same error, never read anything
             with pytest.raises(DBAPIError) as info:
                 self._run(self._rows(self.shared, guarded.statement))
-            assert _sqlstate(info.value) == _sqlstate(exc), (sql, guarded.sql)
+            assert _sqlstate(info.value) == _sqlstate(error), (sql, guarded.sql)
             self.errors += 1
             return 0
         got = self._run(self._rows(self.shared, guarded.statement))

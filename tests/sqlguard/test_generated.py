@@ -60,10 +60,14 @@ def _table_query(depth: int) -> st.SearchStrategy[str]:
             if kind == 0:
                 sql += f" AND {alias}.{column} IN (SELECT v FROM ({inner}) s{depth})"
             elif kind == 1:
-                sql += f" AND EXISTS (SELECT 1 FROM ({inner}) s{depth} WHERE s{depth}.v = {alias}.{key})"
+                sql += (
+                    f" AND EXISTS (SELECT 1 FROM ({inner}) s{depth}"
+                    f" WHERE s{depth}.v = {alias}.{key})"
+                )
             elif kind == 2:
                 sql = (
-                    f"SELECT {alias}.{column} + coalesce((SELECT max(v) FROM ({inner}) s{depth}), 0)"
+                    f"SELECT {alias}.{column}"
+                    f" + coalesce((SELECT max(v) FROM ({inner}) s{depth}), 0)"
                     f" AS v FROM {table} {alias} WHERE {where}"
                 )
             else:
