@@ -227,9 +227,11 @@ def _refusal(sql: str) -> str | None:
         try:
             guard.rewrite(sql)
         except UnsafeQuery as exc:
-            assert exc.message
-            return exc.reason
-    return None
+            refused = exc
+        else:
+            return None
+    assert refused.message
+    return refused.reason
 
 
 def test_there_are_enough_attacks_in_every_category() -> None:
