@@ -6,6 +6,7 @@ import random
 import re
 import time
 
+import pytest
 from pglast import parser
 
 from asgi_tenancy import Tenant, tenant_scope
@@ -122,13 +123,14 @@ def test_fuzzed_inputs_are_rewritten_or_refused_within_a_bounded_time() -> None:
     assert len(inputs) >= 5_000
     assert len(set(inputs)) >= 4_000
     outcomes = {"guarded": 0, "refused": 0}
+    reasons: list[str] = []
     with tenant_scope(Tenant("acme")):
         for sql in inputs:
             started = time.perf_counter()
             try:
                 query = guard.rewrite(sql)
             except UnsafeQuery as exc:
-                assert exc.reason in REASONS
+                reasons.append(exc.reason)
                 outcomes["refused"] += 1
             else:
                 assert isinstance(query, GuardedQuery)
@@ -136,6 +138,7 @@ def test_fuzzed_inputs_are_rewritten_or_refused_within_a_bounded_time() -> None:
                 assert len(parser.split(_compiled(query.sql))) == 1, (sql, query.sql)
                 outcomes["guarded"] += 1
             assert time.perf_counter() - started < BUDGET_SECONDS, sql
+    assert set(reasons) <= REASONS
     assert outcomes["guarded"] >= 500
     assert outcomes["refused"] >= 2_000
 
@@ -152,10 +155,7 @@ def test_overlong_and_deeply_nested_inputs_are_refused_before_parsing() -> None:
     with tenant_scope(Tenant("acme")):
         for sql in bombs:
             started = time.perf_counter()
-            try:
+            with pytest.raises(UnsafeQuery) as info:
                 guard.rewrite(sql)
-            except UnsafeQuery as exc:
-                assert exc.reason == "too_complex"
-            else:
-                raise AssertionError("a bomb was accepted")
+            assert info.value.reason == "too_complex"
             assert time.perf_counter() - started < BUDGET_SECONDS
