@@ -256,10 +256,9 @@ class SqlGuard:
             await session.execute(
                 text("SELECT set_config('standard_conforming_strings', 'on', true)")
             )
-            result = await session.stream(query.statement)
-            try:
-                rows = await result.mappings().fetchmany(max_rows)
-            finally:
-                await result.close()
+            # the cap is applied by the server, so a huge result is never produced or sent
+            capped = text(f"SELECT * FROM (\n{query.sql}\n) AS guarded_query LIMIT {max_rows}")
+            result = await session.execute(capped, dict(query.params))
+            rows = result.mappings().all()
             await transaction.rollback()
         return rows
