@@ -49,6 +49,9 @@ class Analysis:
     tables: set[str] = field(default_factory=set)
 
 
+# Constants: nothing below them but values.
+_LEAVES = frozenset({"A_Const", "A_Star", "BitString", "Boolean", "Float", "Integer", "String"})
+
 # Node types whose every child is walked with no check of their own.
 _PASSTHROUGH = frozenset(
     {
@@ -152,25 +155,30 @@ class _Walker:
     # -- generic walk -------------------------------------------------------------------------
 
     def walk(self, value: object, scope: Scope, depth: int) -> None:
-        if isinstance(value, list):
-            for item in value:
-                self.walk(item, scope, depth)
+        kind = type(value)
+        if kind is list:
+            for item in value:  # type: ignore[attr-defined]
+                if type(item) is dict:
+                    self.walk(item, scope, depth)
             return
-        if not isinstance(value, dict):
+        if kind is not dict:
             return
-        if len(value) == 1:
-            ((key, body),) = value.items()
+        if len(value) == 1:  # type: ignore[arg-type]
+            ((key, body),) = value.items()  # type: ignore[attr-defined]
             if key[:1].isupper():
-                self.node(key, body, scope, depth + 1)
+                if key not in _LEAVES:
+                    self.node(key, body, scope, depth + 1)
                 return
-        self.fields(value, scope, depth)
+        self.fields(value, scope, depth)  # type: ignore[arg-type]
 
     def fields(self, body: Node, scope: Scope, depth: int) -> None:
         for key, child in body.items():
-            if key == "typeName":
-                self._type_name(child)
-            elif isinstance(child, (dict, list)):
-                self.walk(child, scope, depth)
+            kind = type(child)
+            if kind is dict or kind is list:
+                if key == "typeName":
+                    self._type_name(child)
+                else:
+                    self.walk(child, scope, depth)
 
     def node(self, kind: str, body: Any, scope: Scope, depth: int) -> None:
         if depth > self.max_depth:

@@ -46,6 +46,8 @@ def _replacement(edit: Edit, schema: str | None, param: str) -> str:
 
 
 def _escape(segment: str) -> str:
+    if ":" not in segment:
+        return segment
     if "\\:" in segment and _ESCAPED.search(segment):
         raise UnsafeQuery(
             r.UNSUPPORTED_SYNTAX,
@@ -71,6 +73,8 @@ def splice(b: bytes, start: int, end: int, edits: list[Edit], schema: str | None
     final.append(_escape(tail))
     expected.append(tail)
     text = "".join(final)
+    if ":" not in b[start:end].decode():
+        return text  # only the placeholders can be read as parameters
 
     def bind(m: re.Match[str]) -> str:
         return _MARK if m.group(1) == TENANT_PARAM else "\x00unexpected\x00"
