@@ -27,6 +27,8 @@ SCHEMA = (
         tenant_id text NOT NULL, order_id int NOT NULL, line int NOT NULL,
         product text NOT NULL, quantity int NOT NULL, unit_price numeric(10, 2) NOT NULL,
         PRIMARY KEY (tenant_id, order_id, line))""",
+    # every index starts with the tenant column, as the design asks of tenant tables
+    "CREATE INDEX orders_customer ON orders (tenant_id, customer_id)",
 )
 
 COUNTRIES = (

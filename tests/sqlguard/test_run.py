@@ -109,3 +109,15 @@ async def test_run_refuses_before_sending_anything(
     finally:
         event.remove(app_engine.sync_engine, "before_cursor_execute", record)
     assert sent == []
+
+
+async def test_run_keeps_duplicate_column_names_and_trailing_comments(
+    session: AsyncSession,
+) -> None:
+    async with tenant_scope(Tenant("acme")):
+        rows = await GUARD.run(
+            session,
+            "SELECT a.id, b.id FROM runs a JOIN runs b ON b.id = a.id + 1 "
+            "WHERE a.id < 3 ORDER BY a.id -- last line comment",
+        )
+    assert [tuple(row.values()) for row in rows] == [(1, 2), (2, 3)]
