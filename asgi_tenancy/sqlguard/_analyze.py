@@ -155,30 +155,35 @@ class _Walker:
     # -- generic walk -------------------------------------------------------------------------
 
     def walk(self, value: object, scope: Scope, depth: int) -> None:
-        kind = type(value)
-        if kind is list:
-            for item in value:  # type: ignore[attr-defined]
-                if type(item) is dict:
-                    self.walk(item, scope, depth)
-            return
-        if kind is not dict:
-            return
-        if len(value) == 1:  # type: ignore[arg-type]
-            ((key, body),) = value.items()  # type: ignore[attr-defined]
-            if key[:1].isupper():
+        if type(value) is list:
+            for item in value:
+                self.walk(item, scope, depth)
+        elif type(value) is dict:
+            self._dict(value, scope, depth)
+
+    def _dict(self, value: Node, scope: Scope, depth: int) -> None:
+        if len(value) == 1:
+            key = next(iter(value))
+            if key[0].isupper():  # a node: {"NodeType": {fields}}
                 if key not in _LEAVES:
-                    self.node(key, body, scope, depth + 1)
+                    self.node(key, value[key], scope, depth + 1)
                 return
-        self.fields(value, scope, depth)  # type: ignore[arg-type]
+        self.fields(value, scope, depth)
 
     def fields(self, body: Node, scope: Scope, depth: int) -> None:
         for key, child in body.items():
             kind = type(child)
-            if kind is dict or kind is list:
+            if kind is list:
+                for item in child:
+                    if type(item) is dict:
+                        self._dict(item, scope, depth)
+                    elif type(item) is list:
+                        self.walk(item, scope, depth)
+            elif kind is dict:
                 if key == "typeName":
                     self._type_name(child)
                 else:
-                    self.walk(child, scope, depth)
+                    self._dict(child, scope, depth)
 
     def node(self, kind: str, body: Any, scope: Scope, depth: int) -> None:
         if depth > self.max_depth:
