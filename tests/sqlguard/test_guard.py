@@ -178,3 +178,25 @@ def test_the_statement_text_is_the_callers_outside_table_references() -> None:
         query = make_guard().rewrite(sql)
     assert query.sql.startswith("SELECT /* keep */ o.id,\n  'a:b' AS t FROM ")
     assert query.sql.endswith(" AS o -- note\nWHERE o.id > 1")
+
+
+def test_every_reason_code_is_documented() -> None:
+    from pathlib import Path
+
+    from asgi_tenancy.sqlguard import REASONS
+
+    page = (Path(__file__).parents[2] / "docs" / "sqlguard.md").read_text()
+    for reason in REASONS:
+        assert f"| `{reason}` |" in page, reason
+
+
+def test_importing_the_cli_loads_neither_sqlalchemy_nor_pglast() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, asgi_tenancy.cli\n"
+        "print(','.join(m for m in ('sqlalchemy', 'pglast') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
