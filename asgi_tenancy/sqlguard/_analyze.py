@@ -276,7 +276,12 @@ class _Walker:
                 hint="available tables: " + ", ".join(sorted(self.rules)),
             )
         self.result.tables.add(relname)
-        if rule.tenant_column is None and (rule.shared is False or self.schema is None):
+        if rule.tenant_column is None and not rule.shared:
+            if schema is not None:
+                # schema-per-tenant: only the session's search_path may resolve the name
+                raise UnsafeQuery(r.SCHEMA_NOT_ALLOWED, f"write {relname!r} without a schema")
+            return
+        if rule.tenant_column is None and self.schema is None:
             return
         if rule.tenant_column is not None and body.get("inh") is not True:
             raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "ONLY is not supported on tenant tables")

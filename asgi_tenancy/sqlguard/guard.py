@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +20,7 @@ from ._allowlist import DEFAULT_FUNCTIONS, NEVER_ALLOWED
 from ._analyze import Edit, TableRule, analyze
 from ._limits import check_limits
 from ._parser import parse, tokens_before
-from ._reasons import PARSE_ERROR, UNSUPPORTED_SYNTAX
+from ._reasons import PARSE_ERROR, TOO_COMPLEX, UNSUPPORTED_SYNTAX
 from ._splice import TENANT_PARAM, splice
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = ["GuardedQuery", "SqlGuard"]
+
+_log = logging.getLogger("asgi_tenancy.sqlguard")
 
 DEFAULT_MAX_LENGTH = 20_000
 DEFAULT_MAX_DEPTH = 100
@@ -217,6 +220,12 @@ class SqlGuard:
             result: _Rewrite | _Refusal = self._rewrite(sql)
         except UnsafeQuery as exc:
             result = _Refusal(exc.reason, exc.message, exc.hint)
+        except RecursionError:
+            result = _Refusal(TOO_COMPLEX, "query nests too deeply", None)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            # a parse tree shape the analysis did not expect: refuse, never guess
+            _log.warning("sqlguard: unexpected parse tree shape", exc_info=True)
+            result = _Refusal(UNSUPPORTED_SYNTAX, "query shape is not supported", None)
         if self._cache_size:
             with self._lock:
                 self._cache[sql] = result

@@ -160,8 +160,11 @@ def test_from_metadata_refuses_a_shared_table_with_a_tenant_column() -> None:
         SqlGuard.from_metadata(_metadata(), shared=["missing"])
 
 
-def test_schema_per_tenant_tables_are_left_to_the_search_path_and_never_qualified() -> None:
-    guard = SqlGuard({"orders": None}, schema=None)
+@pytest.mark.parametrize("schema", [None, "public"])
+def test_schema_per_tenant_tables_are_left_to_the_search_path_and_never_qualified(
+    schema: str | None,
+) -> None:
+    guard = SqlGuard({"orders": None}, schema=schema)
     with tenant_scope(ACME):
         query = guard.rewrite("SELECT * FROM orders")
         assert query.sql == "SELECT * FROM orders"
