@@ -89,10 +89,14 @@ def is_ordered(sql: str) -> bool:
 class Oracle:
     """Runs queries on one event loop over one connection per database."""
 
-    def __init__(self, server: PgServer, shared: PgDatabase) -> None:
+    def __init__(self, server: PgServer, shared: PgDatabase | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.server = server
         self.guard = make_guard()
+        self.own_shared = shared is None
+        if shared is None:
+            shared = create_database(server, "sqlguard_shared")
+        self.shared_db = shared
         self.tenant_dbs = {t: create_database(server, f"sqlguard_{t}") for t in TENANTS}
         self.engines: list[AsyncEngine] = []
         self.shared = self._run(self._connect(shared.admin_url, TENANTS))
@@ -124,6 +128,15 @@ class Oracle:
         self.loop.close()
         for db in self.tenant_dbs.values():
             drop_database(self.server, db)
+        if self.own_shared:
+            drop_database(self.server, self.shared_db)
+
+    def tally(self) -> Oracle:
+        """A view sharing the databases, with counters of its own (one per test module)."""
+        view = object.__new__(Oracle)
+        view.__dict__.update(self.__dict__)
+        view.compared = view.nonempty = view.errors = 0
+        return view
 
     async def _rows(self, conn: AsyncConnection, statement: Any) -> list[tuple[Any, ...]]:
         result = await (
