@@ -130,7 +130,9 @@ class _Walker:
         schema: str | None,
         functions: frozenset[str],
         max_depth: int,
+        allow_recursive: bool,
     ) -> None:
+        self.allow_recursive = allow_recursive
         self.b = b
         self.rules = rules
         self.schema = schema
@@ -238,6 +240,12 @@ class _Walker:
                 raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected WITH item")
             ctes.append((name, cte))
         recursive = bool(clause.get("recursive"))
+        if recursive and not self.allow_recursive:
+            raise UnsafeQuery(
+                r.TOO_COMPLEX,
+                "WITH RECURSIVE is not allowed here",
+                hint="compute the levels with joins or generate_series",
+            )
         if recursive:
             scope = scope | {name for name, _ in ctes}
         for name, cte in ctes:
@@ -407,6 +415,7 @@ def analyze(
     schema: str | None,
     functions: frozenset[str],
     max_depth: int,
+    allow_recursive: bool = True,
 ) -> tuple[Analysis, int, int]:
     """Check the single statement of ``tree``; its analysis and its byte span in ``b``."""
     stmts = tree.get("stmts") or []
@@ -420,7 +429,7 @@ def analyze(
     kind, body = _only(raw.get("stmt"))
     if kind != "SelectStmt":
         raise UnsafeQuery(r.NOT_A_SELECT, "only SELECT queries are accepted")
-    walker = _Walker(b, rules, schema, functions, max_depth)
+    walker = _Walker(b, rules, schema, functions, max_depth, allow_recursive)
     try:
         walker.node(kind, body, frozenset(), 0)
     except RecursionError:

@@ -87,6 +87,7 @@ class SqlGuard:
 
     ``tenant_tables`` maps each tenant table to its tenant column (``None``: schema-per-tenant,
     the session's ``search_path`` confines it); ``shared_tables`` are readable by every tenant.
+    Limits, the function allow-list and the cache are documented in docs/sqlguard.md.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class SqlGuard:
         max_length: int = DEFAULT_MAX_LENGTH,
         max_depth: int = DEFAULT_MAX_DEPTH,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        allow_recursive: bool = True,
     ) -> None:
         rules: dict[str, TableRule] = {}
         for name, column in dict(tenant_tables).items():
@@ -142,6 +144,7 @@ class SqlGuard:
         self._max_length = max_length
         self._max_depth = max_depth
         self._cache_size = cache_size
+        self._allow_recursive = bool(allow_recursive)
         self._cache: OrderedDict[str, _Rewrite | _Refusal] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -244,6 +247,7 @@ class SqlGuard:
             schema=self._schema,
             functions=self._functions,
             max_depth=self._max_depth,
+            allow_recursive=self._allow_recursive,
         )
         edits = [_table_form_start(sql, b, e) if e.table_form else e for e in analysis.edits]
         rewritten = splice(b, start, end, edits, self._schema)

@@ -203,3 +203,12 @@ def test_importing_the_cli_loads_neither_sqlalchemy_nor_pglast() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_recursive_ctes_can_be_refused() -> None:
+    sql = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3) SELECT * FROM n"
+    with tenant_scope(ACME):
+        SqlGuard({"orders": "tenant_id"}).rewrite(sql)
+        with pytest.raises(UnsafeQuery) as info:
+            SqlGuard({"orders": "tenant_id"}, allow_recursive=False).rewrite(sql)
+    assert info.value.reason == "too_complex"
