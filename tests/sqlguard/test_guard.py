@@ -206,7 +206,7 @@ def test_importing_the_cli_loads_neither_sqlalchemy_nor_pglast() -> None:
 
 
 def test_recursive_ctes_can_be_refused() -> None:
-    sql = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3) SELECT * FROM n"
+    sql = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT * FROM n"
     with tenant_scope(ACME):
         SqlGuard({"orders": "tenant_id"}).rewrite(sql)
         with pytest.raises(UnsafeQuery) as info:
