@@ -139,20 +139,6 @@ class _Walker:
         self.functions = functions
         self.max_depth = max_depth
         self.result = Analysis()
-        self._handlers: dict[str, Callable[[Node, Scope, int], None]] = {
-            "SelectStmt": self._select,
-            "RangeVar": self._range_var,
-            "RangeFunction": self._range_function,
-            "FuncCall": self._func_call,
-            "TypeCast": self._type_cast,
-            "A_Expr": self._a_expr,
-            "SubLink": self._sublink,
-            "SortBy": self._sort_by,
-            "CollateClause": self._collate,
-            "ColumnRef": self._column_ref,
-            "SQLValueFunction": self._sql_value_function,
-            "TypeName": self._type_name_node,
-        }
 
     # -- generic walk -------------------------------------------------------------------------
 
@@ -196,9 +182,9 @@ class _Walker:
             )
         if not isinstance(body, dict):
             raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected query structure")
-        handler = self._handlers.get(kind)
+        handler = _HANDLERS.get(kind)
         if handler is not None:
-            handler(body, scope, depth)
+            handler(self, body, scope, depth)
         elif kind in _PASSTHROUGH:
             self.fields(body, scope, depth)
         elif kind in _REFUSED:
@@ -396,6 +382,22 @@ class _Walker:
             kind, _ = _only(mod)
             if kind != "A_Const":
                 raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "type modifiers must be constants")
+
+
+_HANDLERS: dict[str, Callable[[_Walker, Node, Scope, int], None]] = {
+    "SelectStmt": _Walker._select,
+    "RangeVar": _Walker._range_var,
+    "RangeFunction": _Walker._range_function,
+    "FuncCall": _Walker._func_call,
+    "TypeCast": _Walker._type_cast,
+    "A_Expr": _Walker._a_expr,
+    "SubLink": _Walker._sublink,
+    "SortBy": _Walker._sort_by,
+    "CollateClause": _Walker._collate,
+    "ColumnRef": _Walker._column_ref,
+    "SQLValueFunction": _Walker._sql_value_function,
+    "TypeName": _Walker._type_name_node,
+}
 
 
 def _is_table_form(body: Node) -> bool:
