@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from datetime import date
@@ -86,6 +87,48 @@ def is_ordered(sql: str) -> bool:
     return "sortClause" in tree["stmts"][0]["stmt"].get("SelectStmt", {})
 
 
+_COMPILED_PARAM = re.compile(r"(?<![\\\w]):tenant_id\b")
+
+
+def compiled(sql: str) -> str:
+    """What the driver receives from ``text(sql)``: the tenant as $1, escaped colons restored."""
+    return _COMPILED_PARAM.sub("$1", sql).replace("\\:", ":")
+
+
+def _nodes(value: object, kind: str, parent: dict[str, object] | None = None) -> list[tuple]:
+    """Every ``kind`` node below ``value``, with the SelectStmt body that holds it."""
+    found: list[tuple] = []
+    if isinstance(value, list):
+        for item in value:
+            found += _nodes(item, kind, parent)
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            if key == kind:
+                found.append((child, parent))
+            holder = child if key == "SelectStmt" else parent
+            found += _nodes(child, kind, holder)  # type: ignore[arg-type]
+    return found
+
+
+def assert_confined(sql: str) -> None:
+    """Every tenant table in the rewrite sits in the filtered subquery; bare names are CTEs."""
+    tree = json.loads(parser.parse_sql_json(sql))
+    ctes = {cte["ctename"] for cte, _ in _nodes(tree, "CommonTableExpr")}
+    for rv, select in _nodes(tree, "RangeVar"):
+        if "schemaname" not in rv:
+            assert rv["relname"] in ctes, sql
+            continue
+        assert rv["schemaname"] == "public", sql
+        if rv["relname"] not in TENANT_TABLES:
+            continue
+        assert select is not None, sql
+        where = select["whereClause"]["A_Expr"]
+        assert where["lexpr"]["ColumnRef"]["fields"] == [{"String": {"sval": "tenant_id"}}], sql
+        assert where["rexpr"]["ParamRef"]["number"] == 1, sql
+        assert select["fromClause"] == [{"RangeVar": rv}], sql
+        assert set(select) <= {"targetList", "fromClause", "whereClause", "limitOption", "op"}
+
+
 class Oracle:
     """Runs queries on one event loop over one connection per database."""
 
@@ -150,6 +193,7 @@ class Oracle:
         """Assert the oracle for ``sql`` as ``tenant``; the number of rows compared."""
         with tenant_scope(Tenant(tenant)):
             guarded = self.guard.rewrite(sql)
+        assert_confined(compiled(guarded.sql))
         try:
             want = self._run(self._rows(self.single[tenant], sql))
         except DBAPIError as exc:

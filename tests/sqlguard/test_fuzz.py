@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import re
 import time
 
 import pytest
@@ -13,6 +11,7 @@ from pglast import parser
 from asgi_tenancy import Tenant, tenant_scope
 from asgi_tenancy.sqlguard import REASONS, GuardedQuery, SqlGuard, UnsafeQuery
 from tests.sqlguard.corpus import QUERIES, SHARED_TABLES, TENANT_TABLES
+from tests.sqlguard.oracle import assert_confined, compiled
 from tests.sqlguard.test_attacks import ATTACKS
 
 FRAGMENTS = (
@@ -67,7 +66,6 @@ FRAGMENTS = (
 )
 SEEDS = (*QUERIES, *(sql for _, sql, _ in ATTACKS if len(sql) < 2_000))
 BUDGET_SECONDS = 0.5
-_COMPILED_PARAM = re.compile(r"(?<![\\\w]):tenant_id\b")
 
 
 def _mutate(rnd: random.Random, sql: str) -> str:
@@ -113,45 +111,6 @@ def _inputs() -> list[str]:
     return out
 
 
-def _compiled(sql: str) -> str:
-    # what the driver receives from text(sql): the tenant as $1 and escaped colons restored
-    return _COMPILED_PARAM.sub("$1", sql).replace("\\:", ":")
-
-
-def _nodes(value: object, kind: str, parent: dict[str, object] | None = None) -> list[tuple]:
-    """Every ``kind`` node below ``value``, with the SelectStmt body that holds it."""
-    found: list[tuple] = []
-    if isinstance(value, list):
-        for item in value:
-            found += _nodes(item, kind, parent)
-    elif isinstance(value, dict):
-        for key, child in value.items():
-            if key == kind:
-                found.append((child, parent))
-            holder = child if key == "SelectStmt" else parent
-            found += _nodes(child, kind, holder)  # type: ignore[arg-type]
-    return found
-
-
-def _assert_confined(sql: str) -> None:
-    """Every tenant table in the rewrite sits in the filtered subquery; bare names are CTEs."""
-    tree = json.loads(parser.parse_sql_json(sql))
-    ctes = {cte["ctename"] for cte, _ in _nodes(tree, "CommonTableExpr")}
-    for rv, select in _nodes(tree, "RangeVar"):
-        if "schemaname" not in rv:
-            assert rv["relname"] in ctes, sql
-            continue
-        assert rv["schemaname"] == "public", sql
-        if rv["relname"] not in TENANT_TABLES:
-            continue
-        assert select is not None, sql
-        where = select["whereClause"]["A_Expr"]
-        assert where["lexpr"]["ColumnRef"]["fields"] == [{"String": {"sval": "tenant_id"}}], sql
-        assert where["rexpr"]["ParamRef"]["number"] == 1, sql
-        assert select["fromClause"] == [{"RangeVar": rv}], sql
-        assert set(select) <= {"targetList", "fromClause", "whereClause", "limitOption", "op"}
-
-
 def test_fuzzed_inputs_are_rewritten_or_refused_within_a_bounded_time() -> None:
     guard = SqlGuard(TENANT_TABLES, SHARED_TABLES, cache_size=0)
     inputs = _inputs()
@@ -170,8 +129,8 @@ def test_fuzzed_inputs_are_rewritten_or_refused_within_a_bounded_time() -> None:
             else:
                 assert isinstance(query, GuardedQuery)
                 # the splice always yields one statement PostgreSQL's grammar accepts
-                assert len(parser.split(_compiled(query.sql))) == 1, (sql, query.sql)
-                _assert_confined(_compiled(query.sql))
+                assert len(parser.split(compiled(query.sql))) == 1, (sql, query.sql)
+                assert_confined(compiled(query.sql))
                 outcomes["guarded"] += 1
             assert time.perf_counter() - started < BUDGET_SECONDS, sql
     assert set(reasons) <= REASONS
