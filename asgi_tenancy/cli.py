@@ -1,0 +1,123 @@
+"""The ``asgi-tenancy`` command line: one subcommand group per concern.
+
+``asgi-tenancy sql check --tenant ID [tables] "SQL" [--json]`` prints the guarded query or the
+refusal. Groups (``sql`` now; ``tenants``, ``migrate``, ``policy``, ``audit`` later) register
+themselves in ``_GROUPS``; each group module stays free to import its own dependencies lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace, TextIO], int]
+
+
+def _table_option(value: str) -> tuple[str, str | None]:
+    name, sep, column = value.partition("=")
+    if not name or (sep and not column):
+        raise argparse.ArgumentTypeError("expected NAME or NAME=TENANT_COLUMN")
+    return name, column if sep else None
+
+
+def _add_sql_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sql = commands.add_parser("sql", help="check untrusted SQL with the SQL guard")
+    actions = sql.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check",
+        help="print the query rewritten for one tenant, or why it is refused",
+        description="Rewrite SQL for one tenant with the SQL guard, or print the refusal.",
+    )
+    check.add_argument("sql", metavar="SQL", help="the query; '-' reads it from stdin")
+    check.add_argument("--tenant", required=True, help="the tenant identifier to bind")
+    check.add_argument(
+        "--tenant-table",
+        action="append",
+        default=[],
+        type=_table_option,
+        metavar="NAME[=COLUMN]",
+        help="a tenant table and its tenant column (default: --tenant-column); repeatable",
+    )
+    check.add_argument(
+        "--shared-table", action="append", default=[], metavar="NAME", help="repeatable"
+    )
+    check.add_argument("--tenant-column", default="tenant_id")
+    check.add_argument("--schema", default="public", help="allowed schema ('' for none)")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(handler=_sql_check)
+
+
+def _sql_check(args: argparse.Namespace, out: TextIO) -> int:
+    from .context import tenant_scope
+    from .errors import TenancyError
+    from .sqlguard import SqlGuard, UnsafeQuery
+    from .tenant import Tenant
+
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    try:
+        guard = SqlGuard(
+            {name: column or args.tenant_column for name, column in args.tenant_table},
+            args.shared_table,
+            schema=args.schema or None,
+        )
+        with tenant_scope(Tenant(args.tenant)):
+            query = guard.rewrite(sql)
+    except UnsafeQuery as exc:
+        if args.json:
+            body = {"ok": False, "reason": exc.reason, "message": exc.message, "hint": exc.hint}
+            print(json.dumps(body), file=out)
+        else:
+            hint = f"\nhint: {exc.hint}" if exc.hint else ""
+            print(f"refused ({exc.reason}): {exc.message}{hint}", file=out)
+        return EXIT_REFUSED
+    except TenancyError as exc:
+        print(f"error ({exc.code}): {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        body = {
+            "ok": True,
+            "sql": query.sql,
+            "params": dict(query.params),
+            "tables": sorted(query.tables),
+        }
+        print(json.dumps(body), file=out)
+    else:
+        print(query.sql.strip(), file=out)
+        if query.params:
+            print("-- params: " + json.dumps(dict(query.params)), file=out)
+    return EXIT_OK
+
+
+_GROUPS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_sql_group,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asgi-tenancy", description="Tools for asgi-tenancy applications."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_group in _GROUPS:
+        add_group(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 refused, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args, out or sys.stdout)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The stable reason codes an ``UnsafeQuery`` from the SQL guard carries."""
+
+from __future__ import annotations
+
+__all__ = ["REASONS"]
+
+PARSE_ERROR = "parse_error"
+EMPTY_QUERY = "empty_query"
+MULTIPLE_STATEMENTS = "multiple_statements"
+NOT_A_SELECT = "not_a_select"
+UNKNOWN_TABLE = "unknown_table"
+SCHEMA_NOT_ALLOWED = "schema_not_allowed"
+FORBIDDEN_FUNCTION = "forbidden_function"
+FORBIDDEN_TYPE = "forbidden_type"
+LOCKING_CLAUSE = "locking_clause"
+DATA_MODIFYING_CTE = "data_modifying_cte"
+PARAMETER_NOT_ALLOWED = "parameter_not_allowed"
+TOO_COMPLEX = "too_complex"
+UNSUPPORTED_SYNTAX = "unsupported_syntax"
+
+REASONS: frozenset[str] = frozenset(
+    {
+        PARSE_ERROR,
+        EMPTY_QUERY,
+        MULTIPLE_STATEMENTS,
+        NOT_A_SELECT,
+        UNKNOWN_TABLE,
+        SCHEMA_NOT_ALLOWED,
+        FORBIDDEN_FUNCTION,
+        FORBIDDEN_TYPE,
+        LOCKING_CLAUSE,
+        DATA_MODIFYING_CTE,
+        PARAMETER_NOT_ALLOWED,
+        TOO_COMPLEX,
+        UNSUPPORTED_SYNTAX,
+    }
+)
