@@ -131,7 +131,7 @@ class HeaderResolver(Resolver):
     def resolve(self, connection: HTTPConnection) -> str | None:
         # The raw ASGI header list (names arrive lower-cased): no Headers object per request.
         name = self._raw_name
-        values = {
+        values: set[str] = {
             value.decode("latin-1").strip(" \t")
             for key, value in connection.scope["headers"]
             if key == name
