@@ -6,12 +6,14 @@ Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never doe
 from .binding import TenantBoundSession
 from .database import TenantDatabase
 from .rls import Finding, RowLevelSecurity
+from .schema import SchemaPerTenant
 from .strategy import IsolationStrategy
 
 __all__ = [
     "Finding",
     "IsolationStrategy",
     "RowLevelSecurity",
+    "SchemaPerTenant",
     "TenantBoundSession",
     "TenantDatabase",
 ]
