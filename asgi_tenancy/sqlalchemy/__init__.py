@@ -5,11 +5,15 @@ Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never doe
 
 from .binding import TenantBoundSession
 from .database import TenantDatabase
+from .database_per_tenant import DatabasePerTenant
+from .engines import EngineCache
 from .rls import Finding, RowLevelSecurity
 from .schema import SchemaPerTenant
 from .strategy import IsolationStrategy
 
 __all__ = [
+    "DatabasePerTenant",
+    "EngineCache",
     "Finding",
     "IsolationStrategy",
     "RowLevelSecurity",
