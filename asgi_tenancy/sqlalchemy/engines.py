@@ -102,6 +102,7 @@ class EngineCache:
     async def _acquire(self, key: tuple[str, str], url: URL) -> _Entry:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.acquire_timeout
+        tried: set[int] = set()  # victims whose disposal failed during this call
         while True:
             if self._closed:
                 raise TenancyUnavailable("the database layer is shutting down")
@@ -123,11 +124,15 @@ class EngineCache:
                 (
                     e
                     for e in self._entries.values()
-                    if e.leases == 0 and e.ready.done() and not e.ready.exception()
+                    if e.leases == 0
+                    and id(e) not in tried
+                    and e.ready.done()
+                    and not e.ready.exception()
                 ),
                 None,
             )
             if victim is not None:
+                tried.add(id(victim))
                 await self._evict(victim)
                 continue
             if not await self._wait_for_change(deadline):
