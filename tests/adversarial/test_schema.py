@@ -508,3 +508,35 @@ async def test_prepared_statements_never_cross_schemas(schema_database: PgDataba
     for key, outcome in outcomes:
         # Either the schema's own row, or asyncpg's clean "cached statement" error.
         assert outcome == expected[key] or outcome == "InvalidCachedStatementError", outcomes
+
+
+async def test_session_level_raw_settings_never_outlive_into_the_next_binding(
+    db: TenantDatabase,
+) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        await s.execute(text("SET search_path TO tenant_globex"))  # session level, not LOCAL
+        await s.commit()
+        assert _own(ACME, list((await s.scalars(select(Project.name))).all()))
+    async with tenant_scope(INITECH), db.session() as s:  # same pooled backend (pool_size=1)
+        assert _own(INITECH, list((await s.scalars(select(Project.name))).all()))
+
+
+async def test_raw_sql_can_move_the_path_only_within_its_roles_privileges(
+    db: TenantDatabase, role_db: TenantDatabase
+) -> None:
+    # Documented limit: schema isolation holds against mistakes, not against injected SQL.
+    async with tenant_scope(ACME), db.session() as s:
+        await s.execute(text("SET LOCAL search_path TO tenant_globex"))
+        moved = (await s.scalars(select(Project.name).where(Project.id == 1))).all()
+    assert moved == ["globex-project-1"]
+    async with tenant_scope(_role_tenant(ACME)), role_db.session() as s:
+        await s.execute(text("SET LOCAL search_path TO rt_globex"))
+        # No USAGE on the schema: the path skips it, the table does not resolve.
+        with pytest.raises(ProgrammingError, match="does not exist"):
+            await s.execute(select(Project.name))
+        await s.rollback()
+        # The app role is a member of every tenant role, so SET ROLE reaches another tenant.
+        await s.execute(text(f"SET LOCAL ROLE {ROLE_PREFIX}globex"))
+        await s.execute(text("SET LOCAL search_path TO rt_globex"))
+        moved = (await s.scalars(select(Project.name).where(Project.id == 1))).all()
+    assert moved == ["globex-project-1"]
