@@ -574,3 +574,21 @@ def test_reprs_and_config_errors_hide_passwords(fleet: Fleet) -> None:
         strategy.url_of(Tenant("nourl"))
     with pytest.raises(IsolationConfigError, match="D005"):
         strategy.url_of(Tenant("lite", attributes={"database_url": "sqlite:///x.db"}))
+
+
+async def test_the_leak_check_catches_a_leaky_configuration(fleet: Fleet) -> None:
+    globex_url = fleet.tenants["globex"].attributes["database_url"]
+    database = await _database(fleet, url_for=lambda tenant: globex_url)  # deliberately wrong
+    try:
+        async with tenant_scope(fleet.tenants["acme"]), database.session() as s:
+            names = list(
+                (
+                    await s.scalars(
+                        select(Project.name).where(Project.id <= 3).order_by(Project.id)
+                    )
+                ).all()
+            )
+    finally:
+        await database.dispose()
+    assert not _own(fleet.tenants["acme"], names)  # the suite's own check sees the foreign rows
+    assert names == ["globex-project-1", "globex-project-2", "globex-project-3"]

@@ -540,3 +540,30 @@ async def test_raw_sql_can_move_the_path_only_within_its_roles_privileges(
         await s.execute(text("SET LOCAL search_path TO rt_globex"))
         moved = (await s.scalars(select(Project.name).where(Project.id == 1))).all()
     assert moved == ["globex-project-1"]
+
+
+class _LeakyPath(SchemaPerTenant):
+    """Deliberately broken: every tenant's path is globex's schema."""
+
+    def binding_sql(self, tenant: Tenant) -> str:
+        return "SELECT set_config('search_path', 'tenant_globex', true)"
+
+
+async def test_the_leak_check_catches_a_leaky_configuration(schema_database: PgDatabase) -> None:
+    database = await _database(schema_database.app_url, _LeakyPath(metadata=Base.metadata))
+    try:
+        async with tenant_scope(ACME), database.session() as s:
+            names = list(
+                (
+                    await s.scalars(
+                        select(Project.name).where(Project.id <= 3).order_by(Project.id)
+                    )
+                ).all()
+            )
+            changed = await s.execute(update(Task).where(Task.id == 1).values(title=Task.title))
+            await s.rollback()
+    finally:
+        await database.dispose()
+    assert not _own(ACME, names)  # the suite's own check sees the foreign rows
+    assert names == ["globex-project-1", "globex-project-2", "globex-project-3"]
+    assert changed.rowcount == 1  # type: ignore[attr-defined]
