@@ -12,6 +12,7 @@ qualified by it (``__table_args__ = {"schema": "shared"}``).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections import OrderedDict
@@ -124,6 +125,7 @@ class SchemaPerTenant(IsolationStrategy):
         # tenant id -> (binding SQL, expiry on the monotonic clock) for tenants whose schema
         # was seen in the catalogue; LRU, at most ``max_cached_tenants`` entries.
         self._known: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._checking: dict[str, asyncio.Future[None]] = {}
         if metadata is not None:
             self.tenant_tables()  # refuses fixed-schema tenant tables at construction
 
@@ -180,12 +182,27 @@ class SchemaPerTenant(IsolationStrategy):
         sql = self._place(tenant)
         known = self._known.get(tenant.id)
         if known is None or known[0] != sql or known[1] < time.monotonic():
-            await self._check_schema(database.engine, tenant)
-            self._known[tenant.id] = (sql, time.monotonic() + self.existence_ttl)
-            if len(self._known) > self._max_cached:
-                self._known.popitem(last=False)
-        self._known.move_to_end(tenant.id)
+            await asyncio.shield(self._check_once(database.engine, tenant, sql))
         yield database.engine
+
+    def _check_once(self, engine: AsyncEngine, tenant: Tenant, sql: str) -> asyncio.Future[None]:
+        """Single flight: concurrent cold requests of one tenant share one catalogue read."""
+        pending = self._checking.get(tenant.id)
+        if pending is not None:
+            return pending
+        pending = asyncio.ensure_future(self._check_schema(engine, tenant))
+        self._checking[tenant.id] = pending
+
+        def done(future: asyncio.Future[None]) -> None:
+            del self._checking[tenant.id]
+            if not future.cancelled() and future.exception() is None:
+                self._known[tenant.id] = (sql, time.monotonic() + self.existence_ttl)
+                self._known.move_to_end(tenant.id)
+                if len(self._known) > self._max_cached:
+                    self._known.popitem(last=False)
+
+        pending.add_done_callback(done)
+        return pending
 
     async def _check_schema(self, engine: AsyncEngine, tenant: Tenant) -> None:
         """One catalogue read per tenant and TTL: the schema exists and is not another's."""

@@ -567,3 +567,29 @@ async def test_the_leak_check_catches_a_leaky_configuration(schema_database: PgD
     assert not _own(ACME, names)  # the suite's own check sees the foreign rows
     assert names == ["globex-project-1", "globex-project-2", "globex-project-3"]
     assert changed.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def test_concurrent_cold_requests_read_the_catalogue_once(
+    schema_database: PgDatabase,
+) -> None:
+    database = await _database(schema_database.app_url, _strategy(), pool_size=4)
+    reads: list[str] = []
+
+    def record(*args: Any) -> None:
+        if "pg_namespace" in args[2]:
+            reads.append(args[2])
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", record)
+
+    async def one() -> int:
+        async with tenant_scope(INITECH), database.session() as s:
+            return int(await s.scalar(select(func.count()).select_from(Project)) or 0)
+
+    try:
+        counts = await asyncio.gather(*(one() for _ in range(100)))
+        await one()  # warm: cached, no read
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", record)
+        await database.dispose()
+    assert counts == [ROWS] * 100
+    assert len(reads) == 1
