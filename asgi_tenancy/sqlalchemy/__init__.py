@@ -5,17 +5,23 @@ Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never doe
 
 from .binding import TenantBoundSession
 from .database import TenantDatabase
+from .database_per_tenant import DatabasePerTenant
+from .engines import EngineCache
 from .query_scoping import ALLOW_UNSCOPED, QueryScoping, allow_unscoped
 from .rls import Finding, RowLevelSecurity
+from .schema import SchemaPerTenant
 from .store import SqlAlchemyTenantStore, create_tenants_table, tenants_table
 from .strategy import IsolationStrategy
 
 __all__ = [
     "ALLOW_UNSCOPED",
+    "DatabasePerTenant",
+    "EngineCache",
     "Finding",
     "IsolationStrategy",
     "QueryScoping",
     "RowLevelSecurity",
+    "SchemaPerTenant",
     "SqlAlchemyTenantStore",
     "TenantBoundSession",
     "TenantDatabase",
