@@ -75,7 +75,7 @@ class TenancyMiddleware:
             await reject(scope, receive, send, exc)
             return
         scope = {**scope, "state": {**scope.get("state", {}), "tenant": tenant}}
-        async with tenant_scope(tenant):
+        with tenant_scope(tenant):  # the sync form: no coroutine frames on the hot path
             await self._run(scope, receive, send)
 
     def _is_exempt(self, scope: Scope) -> bool:

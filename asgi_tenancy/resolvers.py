@@ -99,10 +99,12 @@ class ResolverChain:
         found: str | None = None
         for resolver in self.resolvers:
             answer = resolver.resolve(connection)
-            if inspect.isawaitable(answer):
-                answer = await answer
             if answer is None:
                 continue
+            if type(answer) is not str and inspect.isawaitable(answer):  # an async resolver
+                answer = await answer
+                if answer is None:
+                    continue
             tenant_id = validate_tenant_id(answer)
             if self.policy is ChainPolicy.FIRST_MATCH:
                 return tenant_id
