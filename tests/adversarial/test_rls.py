@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Column, MetaData, String, Table, delete, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import joinedload, selectinload
 
 from asgi_tenancy import (
@@ -424,3 +424,32 @@ async def test_session_state_left_by_raw_sql_is_not_inherited(
     async with tenant_scope(GLOBEX), db.session() as s:
         names = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
     assert_no_foreign_rows(names, "globex")
+
+
+async def test_central_work_goes_through_the_admin_engine_only(
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity
+) -> None:
+    admin = create_async_engine(rls_database.admin_url)
+    database = TenantDatabase(rls_database.app_url, rls_strategy, admin_engine=admin)
+    await database.validate()
+    try:
+        with pytest.raises(TenantContextError):
+            async with database.admin_session():
+                pass  # pragma: no cover
+        async with tenant_scope(ACME):
+            with pytest.raises(TenantContextError):
+                async with database.admin_session():
+                    pass  # pragma: no cover
+        with central_scope(reason="cross-tenant report"):
+            async with database.admin_session() as s:
+                owners = set(
+                    (await s.execute(text("SELECT DISTINCT tenant_id FROM projects"))).scalars()
+                )
+            with pytest.raises(TenantContextError):
+                async with database.session():
+                    pass  # pragma: no cover
+    finally:
+        await database.dispose()
+    assert {"acme", "globex"} <= owners
+    with pytest.raises(IsolationConfigError):
+        TenantDatabase(admin, rls_strategy, admin_engine=admin)
