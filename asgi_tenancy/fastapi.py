@@ -18,7 +18,7 @@ from starlette.websockets import WebSocket
 
 from . import context
 from ._asgi import WS_POLICY_VIOLATION, problem_response
-from .errors import IsolationConfigError, TenancyError
+from .errors import IsolationConfigError, TenancyError, TenantCapacityExceeded
 from .tenant import Tenant
 
 if TYPE_CHECKING:
@@ -76,6 +76,10 @@ def setup_tenancy(
     setattr(app.state, _STATE_KEY, database)
     if database is not None:
         app.router.lifespan_context = _with_database(app.router.lifespan_context, database)
+        # A tenant whose pool is exhausted gets the documented 503, not a 500.
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+        app.add_exception_handler(PoolTimeout, _handle_pool_timeout)  # type: ignore[arg-type]
     if tenant_header is not None:
         app.openapi = _openapi_with_header(app, app.openapi, tenant_header.lower())  # type: ignore[method-assign]
 
@@ -88,6 +92,12 @@ async def _handle_tenancy_error(connection: Request | WebSocket, exc: Exception)
         await connection.close(code=WS_POLICY_VIOLATION, reason=exc.code)
         return None
     return problem_response(exc)
+
+
+async def _handle_pool_timeout(connection: Request | WebSocket, exc: Exception) -> Response | None:
+    capacity = TenantCapacityExceeded("every database connection of this tenant is in use")
+    capacity.__cause__ = exc
+    return await _handle_tenancy_error(connection, capacity)
 
 
 def _with_database(
