@@ -453,3 +453,44 @@ async def test_central_work_goes_through_the_admin_engine_only(
     assert {"acme", "globex"} <= owners
     with pytest.raises(IsolationConfigError):
         TenantDatabase(admin, rls_strategy, admin_engine=admin)
+
+
+async def test_savepoints_keep_the_binding(db: TenantDatabase) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        async with s.begin_nested():
+            inside = await s.scalar(text("SELECT count(*) FROM projects"))
+        savepoint = await s.begin_nested()
+        with pytest.raises(DBAPIError):
+            await s.execute(text("SELECT 1/0"))
+        await savepoint.rollback()  # ROLLBACK TO SAVEPOINT: the binding predates it
+        after = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+    assert inside == ROWS_PER_TENANT
+    assert len(after) == ROWS_PER_TENANT
+    assert_no_foreign_rows(after, "acme")
+
+
+async def test_upsert_and_returning_touch_only_own_rows(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        with pytest.raises(DBAPIError, match="row-level security"):
+            await s.execute(
+                text(
+                    "INSERT INTO projects (tenant_id, id, name) VALUES ('globex', 1, 'x') "
+                    "ON CONFLICT (tenant_id, id) DO UPDATE SET name = 'pwned'"
+                )
+            )
+        await s.rollback()
+        returned = (
+            await s.execute(text("UPDATE projects SET name = name RETURNING tenant_id, id"))
+        ).all()
+        deleted = (
+            (await s.execute(text("DELETE FROM tasks WHERE id > 0 RETURNING tenant_id")))
+            .scalars()
+            .all()
+        )
+        await s.rollback()
+    assert {r.tenant_id for r in returned} == {"acme"}
+    assert set(deleted) == {"acme"}
+    pwned = "SELECT count(*) FROM projects WHERE name = 'pwned'"
+    assert await _admin_count(admin_engine, pwned) == 0

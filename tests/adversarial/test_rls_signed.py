@@ -32,12 +32,14 @@ from tests.adversarial.test_rls import (  # noqa: F401  (the same cases, on the 
     test_pool_reuse_leaves_nothing_behind,
     test_reads_see_only_own_rows,
     test_relationship_loads_stay_in_tenant,
+    test_savepoints_keep_the_binding,
     test_selectin_and_joined_loads_stay_in_tenant,
     test_session_state_left_by_raw_sql_is_not_inherited,
     test_session_used_in_another_scope_or_after_its_own_raises,
     test_tenant_column_cannot_change,
     test_the_setting_survives_commit_and_rollback,
     test_update_of_another_tenants_key_changes_nothing,
+    test_upsert_and_returning_touch_only_own_rows,
     test_validate_refuses_a_superuser,
 )
 from tests.conftest import PgDatabase
