@@ -360,6 +360,8 @@ class SchemaPerTenant(IsolationStrategy):
                     "REVOKE TEMPORARY ON DATABASE <db> FROM PUBLIC, <app role>",
                 )
             )
+        if self.per_tenant_roles:
+            findings += await _check_inheritance(conn)
         names = sorted({t.name for t in self.tenant_tables()})
         if names:
             findings += await _check_shadowing(conn, names)
@@ -434,6 +436,31 @@ async def _check_owned(
             "create tenant tables as another role and grant the app role DML only",
         )
         for row in owned
+    ]
+
+
+async def _check_inheritance(conn: AsyncConnection) -> list[Finding]:
+    """Per-tenant roles confine only if the app role does not inherit their privileges."""
+    version = int(await conn.scalar(text("SHOW server_version_num")) or 0)
+    # PostgreSQL 16+ records inheritance per membership; before, it is the member's attribute.
+    inherits = "m.inherit_option" if version >= 160000 else "r.rolinherit"
+    inheriting = await conn.scalar(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member"
+            f" WHERE r.rolname = current_user AND {inherits})"
+        )
+    )
+    if not inheriting:
+        return []
+    return [
+        Finding(
+            "S007",
+            "current_user",
+            "the application role inherits the privileges of the roles it is a member of, so "
+            "per-tenant roles confine nothing: every tenant schema is open without SET ROLE",
+            "PostgreSQL 16+: GRANT <tenant role> TO <app role> WITH INHERIT FALSE; "
+            "before 16: ALTER ROLE <app role> NOINHERIT",
+        )
     ]
 
 

@@ -545,7 +545,10 @@ async def test_two_tenants_on_one_database_are_refused_in_either_order(
     # The impostor first, through another spelling of the same socket: caught on identity.
     fresh = await _database(fleet, max_engines=1)
     alias = make_url(acme_url)
-    alias = alias.update_query_dict({"host": str(alias.query["host"]) + "/"})
+    if "host" in alias.query:  # a Unix socket: the same directory, spelled with a slash
+        alias = alias.update_query_dict({"host": str(alias.query["host"]) + "/"})
+    else:  # TCP: the same server by another name
+        alias = alias.set(host="localhost" if alias.host == "127.0.0.1" else "127.0.0.1")
     impostor = Tenant("thief", attributes={"database_url": alias})
     try:
         async with tenant_scope(impostor), fresh.session() as s:

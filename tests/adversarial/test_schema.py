@@ -166,12 +166,64 @@ async def db(schema_database: PgDatabase) -> AsyncIterator[TenantDatabase]:
     await database.dispose()
 
 
+async def _server_version(admin_url: str) -> int:
+    engine = create_async_engine(admin_url)
+    try:
+        async with engine.connect() as conn:
+            return int(await conn.scalar(text("SHOW server_version_num")) or 0)
+    finally:
+        await engine.dispose()
+
+
+async def _set_inherit(admin_url: str, inherit: bool) -> None:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(
+                text(f"ALTER ROLE {APP_ROLE} {'INHERIT' if inherit else 'NOINHERIT'}")
+            )
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture
 async def role_db(schema_database: PgDatabase) -> AsyncIterator[TenantDatabase]:
+    # Before PostgreSQL 16 a membership cannot be granted WITH INHERIT FALSE: the app role
+    # itself must be NOINHERIT, or validate() refuses per-tenant roles (S007).
+    legacy = await _server_version(schema_database.admin_url) < 160000
+    if legacy:
+        await _set_inherit(schema_database.admin_url, inherit=False)
     strategy = _strategy(per_tenant_roles=True, role_attribute="role")
-    database = await _database(schema_database.app_url, strategy)
-    yield database
-    await database.dispose()
+    try:
+        database = await _database(schema_database.app_url, strategy)
+        yield database
+        await database.dispose()
+    finally:
+        if legacy:
+            await _set_inherit(schema_database.admin_url, inherit=True)
+
+
+async def test_validate_refuses_roles_the_app_role_inherits(
+    role_db: TenantDatabase, schema_database: PgDatabase
+) -> None:
+    legacy = await _server_version(schema_database.admin_url) < 160000
+    engine = create_async_engine(schema_database.admin_url, isolation_level="AUTOCOMMIT")
+    role = f'"{ROLE_PREFIX}acme"'
+    async with engine.connect() as conn:
+        if legacy:
+            await conn.execute(text(f"ALTER ROLE {APP_ROLE} INHERIT"))
+        else:
+            await conn.execute(text(f"GRANT {role} TO {APP_ROLE} WITH INHERIT TRUE"))
+    try:
+        with pytest.raises(IsolationConfigError, match="S007"):
+            await role_db.validate()
+    finally:
+        async with engine.connect() as conn:
+            if legacy:
+                await conn.execute(text(f"ALTER ROLE {APP_ROLE} NOINHERIT"))
+            else:
+                await conn.execute(text(f"GRANT {role} TO {APP_ROLE} WITH INHERIT FALSE"))
+        await engine.dispose()
 
 
 async def _admin_rows(admin: AsyncEngine, sql: str) -> list[Any]:
