@@ -84,7 +84,8 @@ def test_the_arguments_reach_the_strategy() -> None:
 def test_unknown_values_are_refused(value: str) -> None:
     with pytest.raises(IsolationConfigError, match="not an isolation strategy") as caught:
         strategy_from_env(metadata=_metadata(), environ={"TENANCY_ISOLATION": value})
-    assert caught.value.hint is not None and "row, schema, database, query" in caught.value.hint
+    assert caught.value.hint is not None
+    assert "row, schema, database, query" in caught.value.hint
 
 
 def test_unset_uses_the_default_or_refuses() -> None:
