@@ -274,9 +274,15 @@ class SqlGuard:
         query = self.rewrite(sql)
         nested = session.in_transaction()
         transaction = session.begin_nested() if nested else session.begin()
-        # The guard confined these statements itself: QueryScoping, which refuses raw SQL in a
-        # tenant scope, lets them through (RLS and schema bindings still apply).
+        # The guard wrote these statements: QueryScoping, which refuses raw SQL in a tenant
+        # scope, lets them through (RLS and schema bindings still apply). Not the query when it
+        # reads a table the guard did not filter (tenant column None: schema-per-tenant): with
+        # no database wall behind it, QueryScoping refuses it instead.
         confined = {ALLOW_UNSCOPED: True}
+        filtered = all(
+            self._rules[name].shared or self._rules[name].tenant_column is not None
+            for name in query.tables
+        )
         async with transaction:
             await session.execute(text("SET TRANSACTION READ ONLY"), execution_options=confined)
             await session.execute(
@@ -290,7 +296,9 @@ class SqlGuard:
             )
             # the cap is applied by the server, so a huge result is never produced or sent
             capped = text(f"SELECT * FROM (\n{query.sql}\n) AS guarded_query LIMIT {max_rows}")
-            result = await session.execute(capped, dict(query.params), execution_options=confined)
+            result = await session.execute(
+                capped, dict(query.params), execution_options=confined if filtered else {}
+            )
             rows = result.mappings().all()
             await transaction.rollback()
         return rows

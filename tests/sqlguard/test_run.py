@@ -137,3 +137,17 @@ async def test_run_passes_query_scoping_which_refuses_other_raw_sql(
             await scoped.execute(text("SELECT count(*) FROM runs"))
     assert [dict(row) for row in rows] == [{"tenant_id": "globex", "n": 50}]
     assert refused.value.reason == "raw_sql"
+
+
+async def test_run_leaves_an_unfiltered_query_to_query_scoping_which_refuses_it(
+    session: AsyncSession, app_engine: AsyncEngine
+) -> None:
+    metadata = MetaData()
+    Table("runs", metadata, Column("tenant_id", Text, nullable=False), Column("id", Integer))
+    database = TenantDatabase(app_engine, QueryScoping(metadata=metadata))
+    await database.validate()
+    schema_style = SqlGuard({"runs": None}, schema=None)  # relies on a search_path: none here
+    async with tenant_scope(Tenant("acme")), database.session() as scoped:
+        with pytest.raises(UnsafeQuery) as refused:
+            await schema_style.run(scoped, "SELECT count(*) FROM runs")
+    assert refused.value.reason == "raw_sql"
