@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from .errors import InvalidToken, TenancyError
+from .errors import InvalidToken, TenancyError, UnsafeQuery
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 WS_POLICY_VIOLATION = 1008
@@ -23,6 +23,8 @@ def problem_response(exc: TenancyError) -> JSONResponse:
         "code": exc.code,
         "detail": detail,
     }
+    if isinstance(exc, UnsafeQuery):
+        body["reason"] = exc.reason  # stable: what was refused, for a person or a model retrying
     headers = (
         {"www-authenticate": 'Bearer error="invalid_token"'}
         if isinstance(exc, InvalidToken)

@@ -4,6 +4,7 @@ Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never doe
 """
 
 from .binding import TenantBoundSession
+from .config import isolation_from_env, strategy_from_env
 from .database import TenantDatabase
 from .database_per_tenant import DatabasePerTenant
 from .engines import EngineCache
@@ -27,5 +28,7 @@ __all__ = [
     "TenantDatabase",
     "allow_unscoped",
     "create_tenants_table",
+    "isolation_from_env",
+    "strategy_from_env",
     "tenants_table",
 ]

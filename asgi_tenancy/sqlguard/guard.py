@@ -16,6 +16,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from ..context import current_tenant
 from ..errors import IsolationConfigError, UnsafeQuery
+from ..sqlalchemy.query_scoping import ALLOW_UNSCOPED
 from ._allowlist import DEFAULT_FUNCTIONS, NEVER_ALLOWED
 from ._analyze import Edit, TableRule, analyze
 from ._limits import check_limits
@@ -273,18 +274,31 @@ class SqlGuard:
         query = self.rewrite(sql)
         nested = session.in_transaction()
         transaction = session.begin_nested() if nested else session.begin()
+        # The guard wrote these statements: QueryScoping, which refuses raw SQL in a tenant
+        # scope, lets them through (RLS and schema bindings still apply). Not the query when it
+        # reads a table the guard did not filter (tenant column None: schema-per-tenant): with
+        # no database wall behind it, QueryScoping refuses it instead.
+        confined = {ALLOW_UNSCOPED: True}
+        filtered = all(
+            self._rules[name].shared or self._rules[name].tenant_column is not None
+            for name in query.tables
+        )
         async with transaction:
-            await session.execute(text("SET TRANSACTION READ ONLY"))
+            await session.execute(text("SET TRANSACTION READ ONLY"), execution_options=confined)
             await session.execute(
                 text("SELECT set_config('statement_timeout', :timeout, true)"),
                 {"timeout": f"{timeout_ms}ms"},
+                execution_options=confined,
             )
             await session.execute(
-                text("SELECT set_config('standard_conforming_strings', 'on', true)")
+                text("SELECT set_config('standard_conforming_strings', 'on', true)"),
+                execution_options=confined,
             )
             # the cap is applied by the server, so a huge result is never produced or sent
             capped = text(f"SELECT * FROM (\n{query.sql}\n) AS guarded_query LIMIT {max_rows}")
-            result = await session.execute(capped, dict(query.params))
+            result = await session.execute(
+                capped, dict(query.params), execution_options=confined if filtered else {}
+            )
             rows = result.mappings().all()
             await transaction.rollback()
         return rows

@@ -29,9 +29,10 @@ from asgi_tenancy import (
     TenantStore,
 )
 from asgi_tenancy.fastapi import current_tenant, setup_tenancy, tenant_session
-from asgi_tenancy.sqlalchemy import TenantDatabase
+from asgi_tenancy.sqlalchemy import IsolationStrategy, SchemaPerTenant, TenantDatabase
+from asgi_tenancy.sqlguard import SqlGuard
 
-from .models import AuditEvent, Project, Task
+from .models import AuditEvent, Base, Project, Task
 
 log = logging.getLogger("examples.fastapi_app")
 
@@ -49,6 +50,10 @@ class ProjectPatch(BaseModel):
 
 class TaskIn(BaseModel):
     title: str = Field(min_length=1, max_length=200)
+
+
+class ReportIn(BaseModel):
+    sql: str = Field(min_length=1, max_length=20_000)
 
 
 class TaskOut(BaseModel):
@@ -94,12 +99,30 @@ def _project_out(project: Project) -> ProjectOut:
     )
 
 
+def report_guard(strategy: IsolationStrategy) -> SqlGuard:
+    """The SQL guard for ``/reports/query``, configured for how the tenant's rows are stored.
+
+    Shared tables (row, query) and per-tenant databases: every tenant table is replaced by a
+    subquery filtered on ``tenant_id``. Schema per tenant: the tables live in the tenant's schema,
+    so names stay unqualified (``schema=None``) and the session's search_path confines them.
+    """
+    if isinstance(strategy, SchemaPerTenant):
+        return SqlGuard({t.name: None for t in strategy.tenant_tables()}, schema=None)
+    return SqlGuard.from_metadata(Base.metadata)
+
+
 def create_app(
-    database: TenantDatabase, store: TenantStore, *, jwt_secret: str, jwt_audience: str = "demo"
+    database: TenantDatabase,
+    store: TenantStore,
+    *,
+    jwt_secret: str,
+    jwt_audience: str = "demo",
+    guard: SqlGuard | None = None,
 ) -> FastAPI:
     """The API over ``database``, tenants from ``store``, HS256 tokens under ``jwt_secret``."""
     app = FastAPI(title="asgi-tenancy example")
     events = _Events()
+    reports = guard if guard is not None else report_guard(database.strategy)
 
     # Header and token must agree when both are present: a header can never override the
     # tenant a verified token names.
@@ -185,7 +208,7 @@ def create_app(
         await session.commit()
         out = TaskOut(id=task.id, project_id=task.project_id, title=task.title, done=task.done)
         events.publish(tenant.id, {"event": "task_created", "task": out.model_dump()})
-        background.add_task(_audit, f"task {task.id} created")
+        background.add_task(_audit, f"task {task.id} created: {task.title}")
         return out
 
     @app.get("/audit")
@@ -209,6 +232,12 @@ def create_app(
         if not request.headers.get("authorization", "").lower().startswith("bearer "):
             raise HTTPException(401, "a bearer token is required")
         return {"tenant": tenant.id}
+
+    @app.post("/reports/query")
+    async def report(body: ReportIn, session: Session) -> dict[str, Any]:
+        """Untrusted SQL (a user's, a model's): refused with a reason, or run on own rows only."""
+        rows = await reports.run(session, body.sql, max_rows=500, timeout_ms=2000)
+        return {"rows": [dict(row) for row in rows]}
 
     @app.websocket("/ws/tasks")
     async def task_events(websocket: WebSocket, tenant: CurrentTenant) -> None:

@@ -7,7 +7,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from asgi_tenancy import current_tenant
 
-ID_SEQUENCE = Sequence("demo_ids", start=1000, metadata=MetaData())
+METADATA = MetaData()
+# One sequence for every table: demo rows take ids 1, 2, 3; new rows start at 1000.
+ID_SEQUENCE = Sequence("demo_ids", start=1000, metadata=METADATA)
 
 
 def _tenant_id() -> str:
@@ -16,7 +18,7 @@ def _tenant_id() -> str:
 
 
 class Base(DeclarativeBase):
-    metadata = ID_SEQUENCE.metadata
+    metadata = METADATA
 
 
 class Project(Base):

@@ -1,35 +1,95 @@
-"""The example API over HTTP: two tenants whose ids collide, each sees only its own rows."""
+"""The example API over HTTP, under every strategy: two tenants whose ids collide."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import jwt
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.types import Message
 
 from examples.fastapi_app.app import create_app
-from examples.fastapi_app.provision import provision
-from tests.conftest import PgDatabase
+from examples.fastapi_app.provision import TENANTS, open_database, provision, tenant_database
+from tests.conftest import PgDatabase, PgServer, create_database, drop_database
 
 SECRET = "example-test-secret-with-enough-bytes"
+STRATEGIES = ["row", "schema", "database", "query"]
 
 
-@pytest.fixture(params=["row"])
-async def client(
-    pg_database: PgDatabase, request: pytest.FixtureRequest
-) -> AsyncIterator[httpx.AsyncClient]:
-    database, store = await provision(pg_database.admin_url, request.param)
-    app = create_app(database, store, jwt_secret=SECRET)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            yield http
+@dataclass(frozen=True)
+class Demo:
+    isolation: str
+    db: PgDatabase
+
+
+@pytest.fixture(scope="module", params=STRATEGIES)
+def demo(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[Demo]:
+    """A database of this strategy's own, provisioned once (as a second start would find it)."""
+    isolation: str = request.param
+    db = create_database(pg_server, f"example_{isolation}")
+    asyncio.run(provision(db.admin_url, isolation))
+    try:
+        yield Demo(isolation, db)
+    finally:
+        drop_database(pg_server, db)
+        if isolation == "database":
+            for tenant in TENANTS:
+                name = tenant_database(db.admin_url, tenant)
+                drop_database(pg_server, PgDatabase(name, "", ""))
+
+
+@pytest.fixture
+async def app(demo: Demo) -> AsyncIterator[FastAPI]:
+    database, store = open_database(demo.db.admin_url, demo.isolation)
+    application = create_app(database, store, jwt_secret=SECRET)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http
+
+
+async def stored(demo: Demo, table: str, column: str, value: object) -> set[tuple[str, str]]:
+    """Where a row really is: (tenant whose storage holds it, tenant_id stamped on it)."""
+    where = f"WHERE {column} = :v"
+    places: list[tuple[str | None, str, str]] = []  # (storage tenant, URL, table)
+    if demo.isolation in ("row", "query"):
+        places.append((None, demo.db.admin_url, f"public.{table}"))
+    for tenant in TENANTS:
+        if demo.isolation == "schema":
+            places.append((tenant, demo.db.admin_url, f"tenant_{tenant}.{table}"))
+        if demo.isolation == "database":
+            own = make_url(demo.db.admin_url).set(
+                database=tenant_database(demo.db.admin_url, tenant)
+            )
+            places.append((tenant, own.render_as_string(hide_password=False), table))
+    found: set[tuple[str, str]] = set()
+    for storage, url, name in places:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                rows = await conn.scalars(
+                    text(f"SELECT tenant_id FROM {name} {where}"), {"v": value}
+                )
+                found |= {(storage or stamped, stamped) for stamped in rows}
+        finally:
+            await engine.dispose()
+    return found
 
 
 def _token(org: str, **claims: object) -> str:
@@ -45,9 +105,7 @@ async def test_same_id_returns_each_tenants_own_project(client: httpx.AsyncClien
     assert {t["title"] for t in acme["tasks"]}.isdisjoint({t["title"] for t in globex["tasks"]})
 
 
-async def test_create_update_delete_stay_in_tenant(
-    client: httpx.AsyncClient, admin_engine: AsyncEngine
-) -> None:
+async def test_create_update_delete_stay_in_tenant(client: httpx.AsyncClient, demo: Demo) -> None:
     acme = {"x-tenant-id": "acme"}
     created = await client.post("/projects", json={"name": "Tunnel paint"}, headers=acme)
     assert created.status_code == 201
@@ -57,22 +115,19 @@ async def test_create_update_delete_stay_in_tenant(
     ).status_code == 404
     renamed = await client.patch(f"/projects/{pid}", json={"name": "Tunnel"}, headers=acme)
     assert renamed.json()["name"] == "Tunnel"
-    async with admin_engine.connect() as conn:
-        owner = await conn.scalar(
-            text("SELECT tenant_id FROM projects WHERE id = :id"), {"id": pid}
-        )
-    assert owner == "acme"
+    assert await stored(demo, "projects", "name", "Tunnel") == {("acme", "acme")}
     assert (
         await client.delete(f"/projects/{pid}", headers={"x-tenant-id": "globex"})
     ).status_code == 404
     assert (await client.delete(f"/projects/{pid}", headers=acme)).status_code == 204
+    assert await stored(demo, "projects", "name", "Tunnel") == set()
 
 
 async def test_pagination_counts_only_own_rows(client: httpx.AsyncClient) -> None:
     page = (
         await client.get("/projects?limit=1&offset=1", headers={"x-tenant-id": "globex"})
     ).json()
-    assert page["total"] >= 2
+    assert page["total"] == 2
     assert [p["name"] for p in page["items"]] == ["Volcano lair"]
 
 
@@ -84,20 +139,13 @@ async def test_streaming_export_carries_only_own_rows(client: httpx.AsyncClient)
     assert not titles & {"Hire henchmen", "Buy lava", "Scheme"}
 
 
-async def test_background_task_runs_in_the_tenant(
-    client: httpx.AsyncClient, admin_engine: AsyncEngine
-) -> None:
+async def test_background_task_runs_in_the_tenant(client: httpx.AsyncClient, demo: Demo) -> None:
     created = await client.post(
-        "/projects/1/tasks", json={"title": "Paint tunnel"}, headers={"x-tenant-id": "globex"}
+        "/projects/1/tasks", json={"title": "Feed sharks"}, headers={"x-tenant-id": "globex"}
     )
     assert created.status_code == 201
-    task_id = created.json()["id"]
-    async with admin_engine.connect() as conn:
-        owner = await conn.scalar(
-            text("SELECT tenant_id FROM audit_events WHERE message = :m"),
-            {"m": f"task {task_id} created"},
-        )
-    assert owner == "globex"
+    message = f"task {created.json()['id']} created: Feed sharks"
+    assert await stored(demo, "audit_events", "message", message) == {("globex", "globex")}
 
 
 async def test_token_route_and_header_must_agree(client: httpx.AsyncClient) -> None:
@@ -135,3 +183,125 @@ async def test_concurrent_requests_never_cross(client: httpx.AsyncClient) -> Non
 
     results = await asyncio.gather(*(one(i) for i in range(200)))
     assert all(results)
+
+
+async def report(client: httpx.AsyncClient, tenant: str, sql: str) -> httpx.Response:
+    return await client.post("/reports/query", json={"sql": sql}, headers={"x-tenant-id": tenant})
+
+
+async def test_a_report_returns_only_own_rows(client: httpx.AsyncClient) -> None:
+    response = await report(
+        client,
+        "globex",
+        "SELECT p.name, t.id, t.title FROM projects p JOIN tasks t ON t.project_id = p.id "
+        "WHERE t.id <= 3 ORDER BY t.id",
+    )
+    assert response.status_code == 200
+    assert response.json()["rows"] == [
+        {"name": "Doomsday device", "id": 1, "title": "Hire henchmen"},
+        {"name": "Doomsday device", "id": 2, "title": "Buy lava"},
+        {"name": "Doomsday device", "id": 3, "title": "Scheme"},
+    ]
+
+
+async def test_a_union_into_another_tenant_by_its_id_stays_confined(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await report(
+        client,
+        "acme",
+        "SELECT name FROM projects WHERE id = 1 "
+        "UNION ALL SELECT name FROM projects WHERE tenant_id = 'globex' OR 1 = 1",
+    )
+    assert response.status_code == 200
+    names = {row["name"] for row in response.json()["rows"]}
+    assert "Rocket skates" in names
+    assert not names & {"Doomsday device", "Volcano lair"}
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        (
+            "SELECT name FROM projects UNION SELECT name FROM tenant_globex.projects",
+            "schema_not_allowed",
+        ),
+        ("SELECT relname FROM pg_catalog.pg_class", "schema_not_allowed"),
+        ("SELECT usename, passwd FROM pg_shadow", "unknown_table"),
+        (
+            "SELECT set_config('app.tenant_id', 'globex', true), name FROM projects",
+            "forbidden_function",
+        ),
+        ("SELECT 1; DELETE FROM projects", "multiple_statements"),
+        ("DELETE FROM projects", "not_a_select"),
+        ("SELECT * FROM projects FOR UPDATE", "locking_clause"),
+    ],
+)
+async def test_an_injected_report_is_refused_with_its_reason(
+    client: httpx.AsyncClient, sql: str, reason: str
+) -> None:
+    response = await report(client, "acme", sql)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["code"] == "unsafe_query"
+    assert body["reason"] == reason
+    assert body["detail"]
+
+
+class _Socket:
+    """One websocket client driven in-process through the ASGI interface."""
+
+    def __init__(self, app: FastAPI, tenant: str) -> None:
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.sent: asyncio.Queue[Message] = asyncio.Queue()
+        scope: dict[str, Any] = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "scheme": "ws",
+            "path": "/ws/tasks",
+            "raw_path": b"/ws/tasks",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"test"), (b"x-tenant-id", tenant.encode())],
+            "client": ("127.0.0.1", 50000),
+            "server": ("test", 80),
+            "subprotocols": [],
+        }
+        self._inbox.put_nowait({"type": "websocket.connect"})
+        self._task = asyncio.create_task(app(scope, self._inbox.get, self.sent.put))
+
+    async def receive(self) -> Message:
+        return await asyncio.wait_for(self.sent.get(), timeout=10)
+
+    async def close(self) -> None:
+        # The handler waits on its event queue, not on the client: cancel it like a server would.
+        self._inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def test_the_websocket_pushes_task_events_only_to_its_own_tenant(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    acme, globex = _Socket(app, "acme"), _Socket(app, "globex")
+    try:
+        assert (await acme.receive())["type"] == "websocket.accept"
+        assert (await globex.receive())["type"] == "websocket.accept"
+        titles = [("acme", "Buy anvil"), ("globex", "Polish laser"), ("acme", "Drop anvil")]
+        for tenant, title in titles:
+            response = await client.post(
+                "/projects/1/tasks", json={"title": title}, headers={"x-tenant-id": tenant}
+            )
+            assert response.status_code == 201
+        # Events are published in order, so a leaked event would come before the tenant's own.
+        got_acme = [json.loads((await acme.receive())["text"]) for _ in range(2)]
+        got_globex = json.loads((await globex.receive())["text"])
+    finally:
+        await acme.close()
+        await globex.close()
+    assert [e["task"]["title"] for e in got_acme] == ["Buy anvil", "Drop anvil"]
+    assert got_globex["task"]["title"] == "Polish laser"
+    assert acme.sent.empty()
+    assert globex.sent.empty()

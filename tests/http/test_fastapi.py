@@ -18,6 +18,7 @@ from asgi_tenancy import (
     Tenant,
     TenantContextError,
     TenantStoreUnavailable,
+    UnsafeQuery,
     current_tenant_or_none,
 )
 from asgi_tenancy.fastapi import TenantDatabaseLike, current_tenant, setup_tenancy, tenant_session
@@ -87,6 +88,10 @@ def make_app(database: Any = None) -> FastAPI:
     @app.get("/unavailable")
     async def unavailable() -> None:
         raise TenantStoreUnavailable("store at 10.0.0.7 refused")
+
+    @app.get("/refused")
+    async def refused() -> None:
+        raise UnsafeQuery("forbidden_function", "function 'set_config' is not allowed")
 
     @app.websocket("/health/ws")
     @app.websocket("/ws")
@@ -162,6 +167,16 @@ async def test_server_side_errors_keep_their_detail_out_of_the_response() -> Non
     assert response.status_code == 503
     assert "10.0.0.7" not in response.text
     assert response.json()["code"] == "tenant_store_unavailable"
+
+
+async def test_a_refused_query_carries_its_reason() -> None:
+    response = await get(make_app(), "/refused", "acme")
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["code"] == "unsafe_query"
+    assert body["reason"] == "forbidden_function"
+    assert body["detail"] == "function 'set_config' is not allowed"
 
 
 async def test_database_is_validated_at_startup_and_disposed_at_shutdown() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Column, Integer, MetaData, Table, Text, event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from asgi_tenancy import Tenant, TenantContextError, UnsafeQuery, tenant_scope
+from asgi_tenancy.sqlalchemy import QueryScoping, TenantDatabase
 from asgi_tenancy.sqlguard import SqlGuard
 
 GUARD = SqlGuard({"runs": "tenant_id"})
@@ -121,3 +122,32 @@ async def test_run_keeps_duplicate_column_names_and_trailing_comments(
             "WHERE a.id < 3 ORDER BY a.id -- last line comment",
         )
     assert [tuple(row.values()) for row in rows] == [(1, 2), (2, 3)]
+
+
+async def test_run_passes_query_scoping_which_refuses_other_raw_sql(
+    session: AsyncSession, app_engine: AsyncEngine
+) -> None:
+    metadata = MetaData()
+    Table("runs", metadata, Column("tenant_id", Text, nullable=False), Column("id", Integer))
+    database = TenantDatabase(app_engine, QueryScoping(metadata=metadata))
+    await database.validate()
+    async with tenant_scope(Tenant("globex")), database.session() as scoped:
+        rows = await GUARD.run(scoped, "SELECT tenant_id, count(*) AS n FROM runs GROUP BY 1")
+        with pytest.raises(UnsafeQuery) as refused:
+            await scoped.execute(text("SELECT count(*) FROM runs"))
+    assert [dict(row) for row in rows] == [{"tenant_id": "globex", "n": 50}]
+    assert refused.value.reason == "raw_sql"
+
+
+async def test_run_leaves_an_unfiltered_query_to_query_scoping_which_refuses_it(
+    session: AsyncSession, app_engine: AsyncEngine
+) -> None:
+    metadata = MetaData()
+    Table("runs", metadata, Column("tenant_id", Text, nullable=False), Column("id", Integer))
+    database = TenantDatabase(app_engine, QueryScoping(metadata=metadata))
+    await database.validate()
+    schema_style = SqlGuard({"runs": None}, schema=None)  # relies on a search_path: none here
+    async with tenant_scope(Tenant("acme")), database.session() as scoped:
+        with pytest.raises(UnsafeQuery) as refused:
+            await schema_style.run(scoped, "SELECT count(*) FROM runs")
+    assert refused.value.reason == "raw_sql"
