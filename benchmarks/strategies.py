@@ -60,7 +60,7 @@ from benchmarks.middleware import _call
 from benchmarks.wire import WireProxy
 
 # 5 strategies x (warm-up + ROUNDS x REQUESTS x 2 contenders + counted pass) must fit in ~90 s.
-ROUNDS, REQUESTS, WARM_UP, COUNTED = 5, 400, 200, 200
+ROUNDS, REQUESTS, WARM_UP, COUNTED = 9, 250, 200, 200
 ITEMS, TENANTS = 100, ("acme", "globex")
 
 # Shared tables (row, row_signed, query): both tenants' rows in one table, ids colliding.
