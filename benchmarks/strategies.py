@@ -1,9 +1,19 @@
 """Per strategy: GET /items/{id} through TenancyMiddleware + tenant_session, against the same
-endpoint in plain FastAPI with an unscoped AsyncSession filtering the tenant by hand.
+endpoint in plain FastAPI with an unscoped AsyncSession.
 
-Requests are in-process ASGI calls, 7 interleaved rounds; round trips per request are counted
-on the wire through a loopback proxy in a separate pass. Prints one JSON object; targets:
+- row, row_signed: RowLevelSecurity on a shared table; the baseline reads a copy of it with no
+  policy, filtering the tenant by hand.
+- query: QueryScoping on the same shared table through an ORM class; the baseline reads the copy
+  through an ORM class, filtering the tenant by hand.
+- schema: SchemaPerTenant, one schema per tenant; the baseline reads the same rows from one plain
+  unscoped table in ``public``, filtering the tenant by hand.
+- database: DatabasePerTenant, one database per tenant; the baseline is an unscoped session on
+  one of those databases (no filter: nothing else lives there).
+
+Requests are in-process ASGI calls, interleaved rounds; round trips per request are counted on
+the wire through a loopback proxy in a separate pass. Prints one JSON object; targets:
 ratio >= 0.85 (0.95 ideal) and no round trip beyond the baseline's three.
+``python -m benchmarks.strategies [row row_signed query schema database]``.
 """
 
 import asyncio
@@ -11,12 +21,15 @@ import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import registry
+from sqlalchemy.sql import Select
 
 from asgi_tenancy import (
     CachedTenantStore,
@@ -26,13 +39,31 @@ from asgi_tenancy import (
     Tenant,
 )
 from asgi_tenancy.fastapi import setup_tenancy, tenant_session
-from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
-from benchmarks.common import create_app_role, interleave, machine, median, peak_rss_mb, postgres
+from asgi_tenancy.sqlalchemy import (
+    DatabasePerTenant,
+    IsolationStrategy,
+    QueryScoping,
+    RowLevelSecurity,
+    SchemaPerTenant,
+    TenantDatabase,
+)
+from benchmarks.common import (
+    APP_ROLE,
+    create_app_role,
+    interleave,
+    machine,
+    median,
+    peak_rss_mb,
+    postgres,
+)
 from benchmarks.middleware import _call
 from benchmarks.wire import WireProxy
 
-ROUNDS, REQUESTS, ITEMS, TENANTS = 7, 1000, 100, ("acme", "globex")
+# 5 strategies x (warm-up + ROUNDS x REQUESTS x 2 contenders + counted pass) must fit in ~90 s.
+ROUNDS, REQUESTS, WARM_UP, COUNTED = 9, 250, 200, 200
+ITEMS, TENANTS = 100, ("acme", "globex")
 
+# Shared tables (row, row_signed, query): both tenants' rows in one table, ids colliding.
 metadata = MetaData()
 items = Table(
     "items",
@@ -43,6 +74,62 @@ items = Table(
 )
 plain_metadata = MetaData()
 plain_items = items.to_metadata(plain_metadata, name="items_plain")
+
+# QueryScoping confines ORM statements only: its own Table objects, mapped to classes.
+query_metadata = MetaData()
+query_items = items.to_metadata(query_metadata)
+query_plain_items = items.to_metadata(MetaData(), name="items_plain")
+
+
+class Item:
+    id: int
+    name: str
+
+
+class PlainItem:
+    tenant_id: str
+    id: int
+    name: str
+
+
+_mapper = registry()
+_mapper.map_imperatively(Item, query_items)
+_mapper.map_imperatively(PlainItem, query_plain_items)
+
+# Schema and database per tenant: the tenant's own table, no tenant column.
+own_metadata = MetaData()
+own_items = Table(
+    "items",
+    own_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("name", String),
+)
+
+SIGNING_KEY = "benchmark-signing-key-0123456789abcdef"
+DATABASES = {t: f"bench_tenant_{t}" for t in TENANTS}
+
+ScopedQuery = Callable[[int], Select[Any]]
+BaselineQuery = Callable[[str, int], Select[Any]]
+
+
+def _plain_tenants(url: URL) -> list[Tenant]:
+    return [Tenant(t) for t in TENANTS]
+
+
+def _same_url(url: URL) -> URL:
+    return url
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One contender: a fresh strategy per TenantDatabase, and both endpoints' statements."""
+
+    strategy: Callable[[], IsolationStrategy]
+    scoped: ScopedQuery
+    baseline: BaselineQuery
+    tenants: Callable[[URL], list[Tenant]] = _plain_tenants  # given the app URL in use
+    baseline_url: Callable[[URL], URL] = _same_url
+    teardown: Callable[[URL], Awaitable[None]] | None = field(default=None)
 
 
 def _scope(tenant: str, item: int) -> dict[str, Any]:
@@ -63,7 +150,7 @@ def _scope(tenant: str, item: int) -> dict[str, Any]:
     }
 
 
-def baseline_app(engine: AsyncEngine) -> FastAPI:
+def baseline_app(engine: AsyncEngine, statement: BaselineQuery) -> FastAPI:
     """What a team writes by hand: read the header, filter every query on it."""
     app = FastAPI()
 
@@ -76,13 +163,7 @@ def baseline_app(engine: AsyncEngine) -> FastAPI:
         item_id: int, request: Request, s: Annotated[AsyncSession, Depends(session)]
     ) -> dict[str, Any]:
         tenant = request.headers["x-tenant-id"]
-        row = (
-            await s.execute(
-                select(plain_items).where(
-                    plain_items.c.tenant_id == tenant, plain_items.c.id == item_id
-                )
-            )
-        ).one_or_none()
+        row = (await s.execute(statement(tenant, item_id))).one_or_none()
         if row is None:
             raise HTTPException(404)
         return {"id": row.id, "name": row.name}
@@ -90,9 +171,9 @@ def baseline_app(engine: AsyncEngine) -> FastAPI:
     return app
 
 
-def scoped_app(database: TenantDatabase) -> FastAPI:
+def scoped_app(database: TenantDatabase, statement: ScopedQuery, tenants: list[Tenant]) -> FastAPI:
     app = FastAPI()
-    store = CachedTenantStore(InMemoryTenantStore(Tenant(t) for t in TENANTS))
+    store = CachedTenantStore(InMemoryTenantStore(tenants))
     app.add_middleware(TenancyMiddleware, resolvers=[HeaderResolver()], store=store)
     setup_tenancy(app, database=database)
 
@@ -100,7 +181,7 @@ def scoped_app(database: TenantDatabase) -> FastAPI:
     async def get_item(
         item_id: int, s: Annotated[AsyncSession, Depends(tenant_session)]
     ) -> dict[str, Any]:
-        row = (await s.execute(select(items).where(items.c.id == item_id))).one_or_none()
+        row = (await s.execute(statement(item_id))).one_or_none()
         if row is None:
             raise HTTPException(404)
         return {"id": row.id, "name": row.name}
@@ -108,40 +189,167 @@ def scoped_app(database: TenantDatabase) -> FastAPI:
     return app
 
 
-SIGNING_KEY = "benchmark-signing-key-0123456789abcdef"
+def _rows(*, tenant_column: bool = True, tenant: str | None = None) -> list[dict[str, Any]]:
+    return [
+        {**({"tenant_id": t} if tenant_column else {}), "id": i, "name": f"{t}-{i}"}
+        for t in ((tenant,) if tenant else TENANTS)
+        for i in range(1, ITEMS + 1)
+    ]
 
 
-async def _set_up_row(admin_url: URL, *, signed: bool = False) -> RowLevelSecurity:
-    strategy = RowLevelSecurity(
-        metadata=metadata,
-        shared_tables={"items_plain"},
-        signed=signed,
-        signing_keys=[SIGNING_KEY] if signed else (),
-    )
+# -- row (RLS) and query scoping: one shared table ---------------------------------------------
+
+
+async def _create_shared_tables(admin_url: URL, strategy: RowLevelSecurity | None = None) -> None:
     admin = create_async_engine(admin_url)
     async with admin.begin() as conn:
         await conn.execute(text("DROP TABLE IF EXISTS items, items_plain CASCADE"))
         await conn.run_sync(metadata.create_all)
         await conn.run_sync(plain_metadata.create_all)
-        await strategy.install(conn)
-        rows = [
-            {"tenant_id": t, "id": i, "name": f"{t}-{i}"}
-            for t in TENANTS
-            for i in range(1, ITEMS + 1)
-        ]
-        await conn.execute(insert(items), rows)
-        await conn.execute(insert(plain_items), rows)
+        if strategy is not None:
+            await strategy.install(conn)
+        await conn.execute(insert(items), _rows())
+        await conn.execute(insert(plain_items), _rows())
     await admin.dispose()
-    return strategy
 
 
-async def _set_up_row_signed(admin_url: URL) -> RowLevelSecurity:
+def _row_strategy(signed: bool) -> Callable[[], IsolationStrategy]:
+    def make() -> IsolationStrategy:
+        return RowLevelSecurity(
+            metadata=metadata,
+            shared_tables={"items_plain"},
+            signed=signed,
+            signing_keys=[SIGNING_KEY] if signed else (),
+        )
+
+    return make
+
+
+def _hand_filtered(tenant: str, item: int) -> Select[Any]:
+    return select(plain_items).where(plain_items.c.tenant_id == tenant, plain_items.c.id == item)
+
+
+async def _set_up_row(admin_url: URL, *, signed: bool = False) -> Setup:
+    make = _row_strategy(signed)
+    strategy = make()
+    assert isinstance(strategy, RowLevelSecurity)
+    await _create_shared_tables(admin_url, strategy)
+    return Setup(
+        strategy=make,
+        scoped=lambda item: select(items).where(items.c.id == item),
+        baseline=_hand_filtered,
+    )
+
+
+async def _set_up_row_signed(admin_url: URL) -> Setup:
     return await _set_up_row(admin_url, signed=True)
 
 
-SETUPS: dict[str, Callable[[URL], Awaitable[Any]]] = {
+async def _set_up_query(admin_url: URL) -> Setup:
+    await _create_shared_tables(admin_url)  # no policy: the ORM alone confines
+    return Setup(
+        strategy=lambda: QueryScoping(metadata=query_metadata),
+        scoped=lambda item: select(Item.id, Item.name).where(Item.id == item),
+        baseline=lambda tenant, item: select(PlainItem.id, PlainItem.name).where(
+            PlainItem.tenant_id == tenant, PlainItem.id == item
+        ),
+    )
+
+
+# -- schema per tenant --------------------------------------------------------------------------
+
+
+def _schema_strategy() -> SchemaPerTenant:
+    return SchemaPerTenant(metadata=own_metadata)
+
+
+async def _set_up_schema(admin_url: URL) -> Setup:
+    strategy = _schema_strategy()
+    admin = create_async_engine(admin_url)
+    async with admin.begin() as conn:
+        # validate(): no tenant table name in public (S002, S003), no temporary tables (S005).
+        await conn.execute(text("DROP TABLE IF EXISTS items, items_plain CASCADE"))
+        await conn.execute(
+            text(f'REVOKE TEMPORARY ON DATABASE "{admin_url.database}" FROM PUBLIC, {APP_ROLE}')
+        )
+        await conn.run_sync(plain_metadata.create_all)
+        await conn.execute(insert(plain_items), _rows())
+        for t in TENANTS:
+            schema = strategy.schema_for(Tenant(t))
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            await strategy.create_tenant_schema(conn, Tenant(t), APP_ROLE)
+            qualified = own_items.to_metadata(MetaData(), schema=schema)
+            await conn.execute(insert(qualified), _rows(tenant_column=False, tenant=t))
+    await admin.dispose()
+
+    async def teardown(url: URL) -> None:
+        engine = create_async_engine(url)
+        async with engine.begin() as conn:
+            for t in TENANTS:
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "tenant_{t}" CASCADE'))
+        await engine.dispose()
+
+    return Setup(
+        strategy=_schema_strategy,
+        scoped=lambda item: select(own_items).where(own_items.c.id == item),
+        baseline=_hand_filtered,
+        teardown=teardown,
+    )
+
+
+# -- database per tenant ------------------------------------------------------------------------
+
+
+def _database_tenants(url: URL) -> list[Tenant]:
+    return [
+        Tenant(
+            t,
+            attributes={
+                "database_url": url.set(database=DATABASES[t]).render_as_string(hide_password=False)
+            },
+        )
+        for t in TENANTS
+    ]
+
+
+async def _drop_databases(admin_url: URL) -> None:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        for name in DATABASES.values():
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    await engine.dispose()
+
+
+async def _set_up_database(admin_url: URL) -> Setup:
+    await _drop_databases(admin_url)
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        for name in DATABASES.values():
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    await engine.dispose()
+    for t, name in DATABASES.items():
+        tenant_admin = create_async_engine(admin_url.set(database=name))
+        async with tenant_admin.begin() as conn:
+            await conn.run_sync(own_metadata.create_all)
+            await conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON items TO {APP_ROLE}"))
+            await conn.execute(insert(own_items), _rows(tenant_column=False, tenant=t))
+        await tenant_admin.dispose()
+    return Setup(
+        strategy=DatabasePerTenant,
+        scoped=lambda item: select(own_items).where(own_items.c.id == item),
+        baseline=lambda tenant, item: select(own_items).where(own_items.c.id == item),
+        tenants=_database_tenants,
+        baseline_url=lambda url: url.set(database=DATABASES[TENANTS[0]]),
+        teardown=_drop_databases,
+    )
+
+
+SETUPS: dict[str, Callable[[URL], Awaitable[Setup]]] = {
     "row": _set_up_row,
     "row_signed": _set_up_row_signed,
+    "query": _set_up_query,
+    "schema": _set_up_schema,
+    "database": _set_up_database,
 }
 
 
@@ -157,39 +365,51 @@ async def _requests(app: FastAPI, n: int) -> None:
         assert status == 200, status
 
 
-async def measure(name: str, admin_url: URL, app_url: URL) -> dict[str, object]:
-    strategy = await SETUPS[name](admin_url)
-    baseline_engine = create_async_engine(app_url)
-    database = TenantDatabase(app_url, strategy)
-    plain, scoped = baseline_app(baseline_engine), scoped_app(database)
-    async with _served(scoped):
-        await interleave(
-            1, {"baseline": lambda: _requests(plain, 200), "scoped": lambda: _requests(scoped, 200)}
-        )
-        times = await interleave(
-            ROUNDS,
-            {
-                "baseline": lambda: _requests(plain, REQUESTS),
-                "scoped": lambda: _requests(scoped, REQUESTS),
-            },
-        )
-    await baseline_engine.dispose()
+def _apps(setup: Setup, url: URL) -> tuple[AsyncEngine, FastAPI, FastAPI]:
+    engine = create_async_engine(setup.baseline_url(url))
+    database = TenantDatabase(url, setup.strategy())
+    return (
+        engine,
+        baseline_app(engine, setup.baseline),
+        scoped_app(database, setup.scoped, setup.tenants(url)),
+    )
 
-    trips = {}
-    async with WireProxy(**_target(app_url)) as proxy:
-        proxied = app_url.set(host="127.0.0.1", port=proxy.port, query={})
-        counted_engine = create_async_engine(proxied)
-        counted_db = TenantDatabase(proxied, strategy)
-        for label, app in (
-            ("baseline", baseline_app(counted_engine)),
-            ("scoped", scoped_app(counted_db)),
-        ):
-            async with _served(app):
-                await _requests(app, 50)  # connect, prepare, warm caches
-                before = proxy.counter.round_trips
-                await _requests(app, 200)
-                trips[label] = (proxy.counter.round_trips - before) / 200
-        await counted_engine.dispose()
+
+async def measure(name: str, admin_url: URL, app_url: URL) -> dict[str, object]:
+    setup = await SETUPS[name](admin_url)
+    try:
+        baseline_engine, plain, scoped = _apps(setup, app_url)
+        async with _served(scoped):
+            await interleave(
+                1,
+                {
+                    "baseline": lambda: _requests(plain, WARM_UP),
+                    "scoped": lambda: _requests(scoped, WARM_UP),
+                },
+            )
+            times = await interleave(
+                ROUNDS,
+                {
+                    "baseline": lambda: _requests(plain, REQUESTS),
+                    "scoped": lambda: _requests(scoped, REQUESTS),
+                },
+            )
+        await baseline_engine.dispose()
+
+        trips = {}
+        async with WireProxy(**_target(app_url)) as proxy:
+            proxied = app_url.set(host="127.0.0.1", port=proxy.port, query={})
+            counted_engine, counted_plain, counted_scoped = _apps(setup, proxied)
+            for label, app in (("baseline", counted_plain), ("scoped", counted_scoped)):
+                async with _served(app):
+                    await _requests(app, 50)  # connect, prepare, warm caches
+                    before = proxy.counter.round_trips
+                    await _requests(app, COUNTED)
+                    trips[label] = (proxy.counter.round_trips - before) / COUNTED
+            await counted_engine.dispose()
+    finally:
+        if setup.teardown is not None:
+            await setup.teardown(admin_url)
 
     base_rps = REQUESTS / median(times["baseline"])
     scoped_rps = REQUESTS / median(times["scoped"])
@@ -210,6 +430,9 @@ def _target(url: URL) -> dict[str, Any]:
 
 
 async def main(names: list[str]) -> dict[str, object]:
+    unknown = sorted(set(names) - SETUPS.keys())
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; choose from {sorted(SETUPS)}")
     results: dict[str, object] = {}
     with postgres() as admin_url:
         app_url = await create_app_role(admin_url)
@@ -222,6 +445,7 @@ async def main(names: list[str]) -> dict[str, object]:
         "requests_per_round": REQUESTS,
         "results": results,
         "target_ratio_min": 0.85,
+        "target_round_trips_max": 3,
         "peak_rss_mb": peak_rss_mb(),
         "machine": machine(),
     }
