@@ -65,7 +65,9 @@ FRAGMENTS = (
     '""',
 )
 SEEDS = (*QUERIES, *(sql for _, sql, _ in ATTACKS if len(sql) < 2_000))
-BUDGET_SECONDS = 0.5
+# A ceiling on CPU time (not wall time, which a busy CI host stretches): it catches
+# super-linear blow-ups in parsing or rewriting, which cost seconds, not speed regressions.
+BUDGET_CPU_SECONDS = 2.0
 
 
 def _mutate(rnd: random.Random, sql: str) -> str:
@@ -120,7 +122,7 @@ def test_fuzzed_inputs_are_rewritten_or_refused_within_a_bounded_time() -> None:
     reasons: list[str] = []
     with tenant_scope(Tenant("acme")):
         for sql in inputs:
-            started = time.perf_counter()
+            started = time.process_time()
             try:
                 query = guard.rewrite(sql)
             except UnsafeQuery as exc:
@@ -132,7 +134,7 @@ def test_fuzzed_inputs_are_rewritten_or_refused_within_a_bounded_time() -> None:
                 assert len(parser.split(compiled(query.sql))) == 1, (sql, query.sql)
                 assert_confined(compiled(query.sql))
                 outcomes["guarded"] += 1
-            assert time.perf_counter() - started < BUDGET_SECONDS, sql
+            assert time.process_time() - started < BUDGET_CPU_SECONDS, sql
     assert set(reasons) <= REASONS
     assert outcomes["guarded"] >= 500
     assert outcomes["refused"] >= 2_000
@@ -149,8 +151,8 @@ def test_overlong_and_deeply_nested_inputs_are_refused_before_parsing() -> None:
     ]
     with tenant_scope(Tenant("acme")):
         for sql in bombs:
-            started = time.perf_counter()
+            started = time.process_time()
             with pytest.raises(UnsafeQuery) as info:
                 guard.rewrite(sql)
             assert info.value.reason == "too_complex"
-            assert time.perf_counter() - started < BUDGET_SECONDS
+            assert time.process_time() - started < BUDGET_CPU_SECONDS
