@@ -3,15 +3,24 @@
 ``asgi-tenancy sql check --tenant ID [tables] "SQL" [--json]`` prints the guarded query or the
 refusal. Groups (``sql`` now; ``tenants``, ``migrate``, ``policy``, ``audit`` later) register
 themselves in ``_GROUPS``; each group module stays free to import its own dependencies lazily.
+
+Commands that act on an application's tenants load its ``TenantProvisioner`` from
+``--app module:attribute`` (or ``TENANCY_APP``); the attribute may also be a zero-argument
+callable returning one, so building engines can wait until the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from .sqlalchemy.provisioning import TenantProvisioner
 
 __all__ = ["build_parser", "main"]
 
@@ -20,6 +29,45 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
+APP_ENV_VAR = "TENANCY_APP"
+
+
+def add_app_option(parser: argparse.ArgumentParser) -> None:
+    """``--app module:attribute``: where a command finds the application's provisioner."""
+    parser.add_argument(
+        "--app",
+        default=os.environ.get(APP_ENV_VAR),
+        metavar="MODULE:ATTRIBUTE",
+        help=f"the application's TenantProvisioner (default: ${APP_ENV_VAR})",
+    )
+
+
+def load_provisioner(spec: str | None) -> TenantProvisioner:
+    """Import ``module:attribute`` and return the ``TenantProvisioner`` it names (or builds)."""
+    from .errors import IsolationConfigError
+    from .sqlalchemy.provisioning import TenantProvisioner
+
+    if not spec:
+        raise IsolationConfigError(
+            "no application given", hint=f"pass --app module:attribute or set {APP_ENV_VAR}"
+        )
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise IsolationConfigError(
+            "--app must look like module:attribute", hint="e.g. --app myapp.tenancy:provisioner"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like python -m: the working directory's modules
+    target: object = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if callable(target) and not isinstance(target, TenantProvisioner):
+        target = target()
+    if not isinstance(target, TenantProvisioner):
+        raise IsolationConfigError(
+            f"{spec} is not a TenantProvisioner", hint="point --app at a TenantProvisioner"
+        )
+    return target
 
 
 def _table_option(value: str) -> tuple[str, str | None]:

@@ -8,6 +8,7 @@ from .config import isolation_from_env, strategy_from_env
 from .database import TenantDatabase
 from .database_per_tenant import DatabasePerTenant
 from .engines import EngineCache
+from .provisioning import TenantProvisioner
 from .query_scoping import ALLOW_UNSCOPED, QueryScoping, allow_unscoped
 from .rls import Finding, RowLevelSecurity
 from .schema import SchemaPerTenant
@@ -26,6 +27,7 @@ __all__ = [
     "SqlAlchemyTenantStore",
     "TenantBoundSession",
     "TenantDatabase",
+    "TenantProvisioner",
     "allow_unscoped",
     "create_tenants_table",
     "isolation_from_env",
