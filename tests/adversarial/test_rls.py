@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from contextlib import AsyncExitStack
 
 import pytest
 from sqlalchemy import Column, MetaData, String, Table, delete, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm import joinedload, selectinload, subqueryload, with_parent
 
 from asgi_tenancy import (
     IsolationConfigError,
@@ -22,7 +23,7 @@ from asgi_tenancy import (
 )
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
 from tests.adversarial.leaks import assert_no_foreign_rows, foreign_rows
-from tests.adversarial.models import ROWS_PER_TENANT, Base, Project, Task
+from tests.adversarial.models import ROWS_PER_TENANT, Account, Base, Note, Project, Task
 from tests.conftest import PgDatabase
 
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
@@ -494,3 +495,107 @@ async def test_upsert_and_returning_touch_only_own_rows(
     assert set(deleted) == {"acme"}
     pwned = "SELECT count(*) FROM projects WHERE name = 'pwned'"
     assert await _admin_count(admin_engine, pwned) == 0
+
+
+# -- suite II, cases 4, 7, 9, 10: objects, keys across tenants, results and nesting -------
+
+
+async def test_identity_map_objects_never_cross_tenants(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            a = await stack.enter_async_context(db.session())
+            mine = await a.get(Project, ("acme", 1))
+            assert mine is not None
+            await a.commit()  # A's session stays open and holds the object, not the connection
+        async with tenant_scope(GLOBEX), db.session() as b:
+            assert await b.get(Project, ("acme", 1)) is None  # not in B's map, not in B's rows
+            theirs = await b.get(Project, ("globex", 1))
+            assert theirs is not None
+            assert theirs is not mine
+            with pytest.raises(SessionTenantMismatch):
+                await a.refresh(mine)  # A's session, B's scope
+            with pytest.raises(SessionTenantMismatch):
+                await a.run_sync(lambda _: list(mine.tasks))  # a lazy load through A's session
+            await a.close()
+            mine.name = "written-from-globex"
+            with pytest.raises(SessionTenantMismatch):
+                b.add(mine)  # A's detached object into B's session
+            with pytest.raises(SessionTenantMismatch):
+                await b.merge(mine)
+            await b.commit()
+    changed = "SELECT count(*) FROM projects WHERE name = 'written-from-globex'"
+    assert await _admin_count(admin_engine, changed) == 0
+
+
+async def test_a_key_across_tenants_is_excluded_from_every_load(db: TenantDatabase) -> None:
+    loads = [None, selectinload(Account.notes), joinedload(Account.notes)]
+    loads.append(subqueryload(Account.notes))
+    async with tenant_scope(ACME), db.session() as s:
+        for option in loads:
+            statement = (
+                select(Account).where(Account.id == 1).execution_options(populate_existing=True)
+            )
+            if option is not None:
+                statement = statement.options(option)
+            account = (await s.scalars(statement)).unique().one()
+            notes = await s.run_sync(lambda _, a=account: list(a.notes))
+            assert [n.body for n in notes] == ["acme-note-own"], option
+            s.expunge_all()
+        account = await s.get_one(Account, 1)
+        parented = (await s.scalars(select(Note).where(with_parent(account, Account.notes)))).all()
+        raw = (await s.execute(text("SELECT body FROM notes WHERE account_id = 1"))).scalars()
+        assert [n.body for n in parented] == ["acme-note-own"]
+        assert list(raw) == ["acme-note-own"]
+
+
+async def test_cascaded_children_are_stamped(db: TenantDatabase, admin_engine: AsyncEngine) -> None:
+    async with tenant_scope(GLOBEX), db.session() as s:
+        s.add(Account(id=900, name="globex-account-900", notes=[Note(id=900, body="globex-n")]))
+        await s.flush()
+        (await s.get_one(Account, 900)).notes.append(Note(id=901, body="globex-n"))
+        await s.commit()
+    owners = "SELECT count(*) FROM notes WHERE id IN (900, 901) AND tenant_id = 'globex'"
+    assert await _admin_count(admin_engine, owners) == 2
+    async with tenant_scope(GLOBEX), db.session() as s:
+        await s.delete(await s.get_one(Account, 900))  # cascades to the notes
+        await s.commit()
+    assert await _admin_count(admin_engine, "SELECT count(*) FROM notes WHERE id >= 900") == 0
+
+
+async def test_results_and_streams_used_after_the_scope_raise(db: TenantDatabase) -> None:
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            s = await stack.enter_async_context(db.session())
+            stream = await s.stream_scalars(select(Project.name).execution_options(yield_per=2))
+            first = await stream.fetchmany(2)
+            project = await s.get_one(Project, ("acme", 1))
+        assert len(first) == 2
+        with pytest.raises(SessionTenantMismatch):
+            await stream.fetchmany(2)  # more rows of A's, fetched outside A's scope
+        with pytest.raises(SessionTenantMismatch):
+            await s.run_sync(lambda _: list(project.tasks))
+        with pytest.raises(SessionTenantMismatch):
+            await s.execute(select(Project))
+
+
+async def test_nested_scopes_never_reuse_the_open_transaction(db: TenantDatabase) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        await s.execute(text("SELECT 1"))  # A's transaction is open on the connection
+        with pytest.raises(TenantContextError):
+            async with tenant_scope(GLOBEX):
+                pass
+        with pytest.raises(TenantContextError), central_scope(reason="nested"):
+            pass
+        async with tenant_scope(ACME):  # the same tenant nests, as a savepoint
+            async with s.begin_nested():
+                await s.execute(text("UPDATE projects SET name = 'nested' WHERE id = 1"))
+                inner = await s.begin_nested()
+                await s.execute(text("UPDATE projects SET name = 'rolled-back' WHERE id = 1"))
+                await inner.rollback()  # ROLLBACK TO SAVEPOINT
+            names = (await s.execute(text("SELECT name FROM projects WHERE id = 1"))).scalars()
+            assert list(names) == ["nested"]
+        await s.rollback()
+        bound = await s.scalar(text("SELECT split_part(current_setting('app.tenant_id'), ':', 1)"))
+        assert bound == "acme"

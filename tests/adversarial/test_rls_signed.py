@@ -20,18 +20,23 @@ from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
 from tests.adversarial.leaks import assert_no_foreign_rows
 from tests.adversarial.models import ROWS_PER_TENANT, Base
 from tests.adversarial.test_rls import (  # noqa: F401  (the same cases, on the signed binding)
+    test_a_key_across_tenants_is_excluded_from_every_load,
     test_aggregates_joins_subqueries_ctes_and_pagination,
     test_bulk_update_and_delete_touch_only_own_rows,
     test_cancelled_task_and_killed_backend_fail_cleanly,
+    test_cascaded_children_are_stamped,
     test_concurrent_tasks_across_three_tenants_see_only_their_rows,
     test_error_mid_transaction_leaves_the_next_one_clean,
     test_forged_insert_is_rejected,
     test_get_update_delete_another_tenants_key_find_nothing,
+    test_identity_map_objects_never_cross_tenants,
     test_inserts_are_stamped,
+    test_nested_scopes_never_reuse_the_open_transaction,
     test_no_context_raises_before_any_connection,
     test_pool_reuse_leaves_nothing_behind,
     test_reads_see_only_own_rows,
     test_relationship_loads_stay_in_tenant,
+    test_results_and_streams_used_after_the_scope_raise,
     test_savepoints_keep_the_binding,
     test_selectin_and_joined_loads_stay_in_tenant,
     test_session_state_left_by_raw_sql_is_not_inherited,

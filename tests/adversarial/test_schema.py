@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -645,3 +646,38 @@ async def test_concurrent_cold_requests_read_the_catalogue_once(
         await database.dispose()
     assert counts == [ROWS] * 100
     assert len(reads) == 1
+
+
+async def test_identity_map_objects_never_cross_tenants(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    # Primary keys collide across schemas, so A's Project 1 and B's share one identity key.
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            a = await stack.enter_async_context(db.session())
+            mine = await a.get(Project, 1)
+            assert mine is not None
+            await a.commit()
+        async with tenant_scope(GLOBEX), db.session() as b:
+            theirs = await b.get(Project, 1)
+            assert theirs is not None
+            assert theirs is not mine
+            assert theirs.name == "globex-project-1"
+            with pytest.raises(SessionTenantMismatch):
+                await a.refresh(mine)
+            with pytest.raises(SessionTenantMismatch):
+                await a.run_sync(lambda _: list(mine.tasks))
+            await a.close()
+            b.expunge(theirs)
+            mine.name = "written-from-globex"
+            with pytest.raises(SessionTenantMismatch):
+                b.add(mine)  # would otherwise UPDATE globex's project 1
+            with pytest.raises(SessionTenantMismatch):
+                await b.merge(mine)
+            await b.commit()
+    rows = await _admin_rows(
+        admin_engine,
+        "SELECT count(*) FROM tenant_globex.projects p, tenant_acme.projects q"
+        " WHERE 'written-from-globex' IN (p.name, q.name)",
+    )
+    assert rows == [(0,)]
