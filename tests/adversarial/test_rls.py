@@ -7,7 +7,7 @@ import contextvars
 from contextlib import AsyncExitStack
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, delete, func, select, text, update
+from sqlalchemy import Column, MetaData, String, Table, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -16,11 +16,13 @@ from sqlalchemy.orm import joinedload, selectinload, subqueryload, with_parent
 from asgi_tenancy import (
     IsolationConfigError,
     SessionTenantMismatch,
+    TenancyUnavailable,
     Tenant,
     TenantContextError,
     central_scope,
     tenant_scope,
 )
+from asgi_tenancy._asgi import problem_response
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
 from tests.adversarial.leaks import assert_no_foreign_rows, foreign_rows
 from tests.adversarial.models import ROWS_PER_TENANT, Account, Base, Note, Project, Task
@@ -599,3 +601,63 @@ async def test_nested_scopes_never_reuse_the_open_transaction(db: TenantDatabase
         await s.rollback()
         bound = await s.scalar(text("SELECT split_part(current_setting('app.tenant_id'), ':', 1)"))
         assert bound == "acme"
+
+
+# -- suite II, case 12: the start-up gate ------------------------------------------------
+
+
+async def test_the_start_up_gate_locks_until_validated_and_again_on_failure(
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity, admin_engine: AsyncEngine
+) -> None:
+    database = TenantDatabase(rls_database.app_url, rls_strategy)
+    connects: list[object] = []
+    event.listen(database.engine.sync_engine, "connect", lambda *_: connects.append(1))
+    try:
+        async with tenant_scope(ACME):
+            with pytest.raises(IsolationConfigError, match="not been validated"):
+                async with database.session():
+                    pass  # pragma: no cover
+        assert connects == []  # refused before any connection
+        await database.validate()
+        async with tenant_scope(ACME), database.session() as s:
+            assert await s.scalar(text("SELECT count(*) FROM projects")) == ROWS_PER_TENANT
+        async with admin_engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE projects NO FORCE ROW LEVEL SECURITY"))
+        try:
+            with pytest.raises(IsolationConfigError) as failed:
+                await database.validate()
+            assert not database.validated
+            async with tenant_scope(ACME):
+                with pytest.raises(IsolationConfigError):
+                    async with database.session():
+                        pass  # pragma: no cover
+        finally:
+            async with admin_engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE projects FORCE ROW LEVEL SECURITY"))
+        body = problem_response(failed.value).body.decode()
+        assert "projects" in str(failed.value)  # the operator's log names the table...
+        assert "projects" not in body  # ...a client never sees the catalog
+        assert "tenancy_app" not in body
+    finally:
+        await database.dispose()
+
+
+async def test_an_unreachable_database_fails_validation_without_its_dsn(
+    rls_strategy: RowLevelSecurity,
+) -> None:
+    database = TenantDatabase(
+        "postgresql+asyncpg://tenancy_app:s3cret-pw@127.0.0.1:1/tenancy_db", rls_strategy
+    )
+    try:
+        with pytest.raises(TenancyUnavailable) as failed:
+            await database.validate()
+        assert not database.validated
+        for text_ in (
+            str(failed.value),
+            repr(database),
+            problem_response(failed.value).body.decode(),
+        ):
+            assert "s3cret" not in text_
+            assert "127.0.0.1" not in text_ or text_ == repr(database)
+    finally:
+        await database.dispose()
