@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Column, MetaData, String, Table, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import joinedload, selectinload, subqueryload, with_parent
 
 from asgi_tenancy import (
@@ -24,7 +24,7 @@ from asgi_tenancy import (
 )
 from asgi_tenancy._asgi import problem_response
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
-from tests.adversarial.leaks import assert_no_foreign_rows, foreign_rows
+from tests.adversarial.leaks import assert_no_foreign_rows, assert_no_foreign_writes, foreign_rows
 from tests.adversarial.models import ROWS_PER_TENANT, Account, Base, Note, Project, Task
 from tests.conftest import PgDatabase
 
@@ -326,6 +326,7 @@ async def test_the_leak_check_catches_a_leaky_configuration(
     """A table without a policy is what a forgotten migration looks like: the check must fire."""
     async with admin_engine.begin() as conn:
         await conn.execute(text("CREATE TABLE IF NOT EXISTS leaky AS SELECT * FROM projects"))
+        await conn.execute(text("GRANT SELECT, UPDATE ON leaky TO tenancy_app"))
     database = TenantDatabase(rls_database.app_url, rls_strategy)
     await database.validate()  # leaky is not in the metadata: validate cannot know it
     try:
@@ -336,6 +337,17 @@ async def test_the_leak_check_catches_a_leaky_configuration(
     assert foreign_rows(rows, "acme")
     with pytest.raises(AssertionError):
         assert_no_foreign_rows(rows, "acme")
+    # Writes through raw SQL: the admin read-back must see globex's rows changed by acme.
+    database = TenantDatabase(rls_database.app_url, rls_strategy)
+    await database.validate()
+    try:
+        async with tenant_scope(ACME), database.session() as s:
+            await s.execute(text("UPDATE leaky SET name = 'acme-wrote' WHERE id = 1"))
+            await s.commit()
+    finally:
+        await database.dispose()
+    with pytest.raises(AssertionError):
+        await assert_no_foreign_writes(admin_engine, "leaky", "acme", "acme-wrote")
     async with admin_engine.begin() as conn:
         await conn.execute(text("DROP TABLE leaky"))
 
@@ -661,3 +673,47 @@ async def test_an_unreachable_database_fails_validation_without_its_dsn(
             assert "127.0.0.1" not in text_ or text_ == repr(database)
     finally:
         await database.dispose()
+
+
+@pytest.mark.parametrize(
+    ("attack", "refusal"),
+    [
+        ("SET LOCAL ROLE {owner}", "permission denied"),  # become the owner: not a member
+        ("SELECT set_config('role', '{owner}', true)", "permission denied"),
+        ("SET LOCAL search_path TO pg_catalog, public", None),  # RLS ignores the path
+        ("RESET ALL", "no tenant is bound"),  # drops the binding itself
+        ("SELECT set_config('app.tenant_id', '', true)", "no tenant is bound"),
+    ],
+)
+async def test_raw_sql_that_changes_role_path_or_settings_never_widens(
+    db: TenantDatabase, admin_engine: AsyncEngine, attack: str, refusal: str | None
+) -> None:
+    async with admin_engine.connect() as conn:
+        owner = await conn.scalar(
+            text("SELECT tableowner FROM pg_tables WHERE tablename = 'projects'")
+        )
+    async with tenant_scope(ACME), db.session() as s:
+        if refusal is not None:
+            with pytest.raises(DBAPIError, match=refusal):  # noqa: PT012 (either step may refuse)
+                await s.execute(text(attack.format(owner=owner)))
+                await s.execute(text("SELECT name FROM projects"))
+            return
+        await s.execute(text(attack.format(owner=owner)))
+        rows = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+    assert len(rows) == ROWS_PER_TENANT
+    assert_no_foreign_rows(rows, "acme")
+
+
+async def test_going_around_the_library_inside_a_scope_reaches_nothing(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    async with tenant_scope(ACME):
+        async with AsyncSession(db.engine) as plain:  # a second session, without the binding
+            with pytest.raises(DBAPIError, match="no tenant is bound"):
+                await plain.execute(select(Project))
+        async with db.engine.connect() as conn:  # the base engine itself
+            with pytest.raises(DBAPIError, match="no tenant is bound"):
+                await conn.execute(
+                    text("INSERT INTO projects (tenant_id, id, name) VALUES ('acme', 500, 'x')")
+                )
+    assert await _admin_count(admin_engine, "SELECT count(*) FROM projects WHERE id = 500") == 0
