@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DBAPIError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -681,3 +681,15 @@ async def test_identity_map_objects_never_cross_tenants(
         " WHERE 'written-from-globex' IN (p.name, q.name)",
     )
     assert rows == [(0,)]
+
+
+async def test_going_around_the_library_inside_a_scope_reaches_no_tenant_schema(
+    db: TenantDatabase,
+) -> None:
+    async with tenant_scope(ACME):
+        async with AsyncSession(db.engine) as plain:  # a second session, without the binding
+            with pytest.raises(ProgrammingError, match="does not exist"):
+                await plain.execute(select(Project))
+        async with db.engine.connect() as conn:  # the base engine: no tenant on its path
+            with pytest.raises(ProgrammingError, match="does not exist"):
+                await conn.execute(text("SELECT name FROM projects"))
