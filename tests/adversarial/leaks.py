@@ -27,15 +27,17 @@ def assert_no_foreign_rows(rows: Iterable[object], tenant_id: str) -> None:
     assert not leaked, f"{len(leaked)} rows of another tenant reached {tenant_id}"
 
 
-async def foreign_writes(admin: AsyncEngine, table: str, tenant_id: str, marker: str) -> int:
+async def foreign_writes(
+    admin: AsyncEngine, table: str, tenant_id: str, marker: str, *, column: str = "tenant_id"
+) -> int:
     """Rows of other tenants that carry ``marker``, read back as the admin: writes that leaked."""
-    statement = text(f"SELECT count(*) FROM {table} WHERE tenant_id <> :t AND name = :m")
+    statement = text(f"SELECT count(*) FROM {table} WHERE {column} <> :t AND name = :m")
     async with admin.connect() as conn:
         return int(await conn.scalar(statement, {"t": tenant_id, "m": marker}) or 0)
 
 
 async def assert_no_foreign_writes(
-    admin: AsyncEngine, table: str, tenant_id: str, marker: str
+    admin: AsyncEngine, table: str, tenant_id: str, marker: str, *, column: str = "tenant_id"
 ) -> None:
-    leaked = await foreign_writes(admin, table, tenant_id, marker)
+    leaked = await foreign_writes(admin, table, tenant_id, marker, column=column)
     assert not leaked, f"{tenant_id} wrote {leaked} rows of another tenant in {table}"

@@ -323,9 +323,17 @@ async def test_concurrent_tasks_across_three_tenants_see_only_their_rows(
 async def test_the_leak_check_catches_a_leaky_configuration(
     rls_database: PgDatabase, admin_engine: AsyncEngine, rls_strategy: RowLevelSecurity
 ) -> None:
-    """A table without a policy is what a forgotten migration looks like: the check must fire."""
+    """A table without a policy is what a forgotten migration looks like: the check must fire.
+
+    Its owner column is not named ``tenant_id``, so ``validate()`` (R015) cannot spot it either.
+    """
     async with admin_engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE IF NOT EXISTS leaky AS SELECT * FROM projects"))
+        await conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS leaky AS"
+                " SELECT tenant_id AS owner_id, id, name FROM projects"
+            )
+        )
         await conn.execute(text("GRANT SELECT, UPDATE ON leaky TO tenancy_app"))
     database = TenantDatabase(rls_database.app_url, rls_strategy)
     await database.validate()  # leaky is not in the metadata: validate cannot know it
@@ -347,7 +355,9 @@ async def test_the_leak_check_catches_a_leaky_configuration(
     finally:
         await database.dispose()
     with pytest.raises(AssertionError):
-        await assert_no_foreign_writes(admin_engine, "leaky", "acme", "acme-wrote")
+        await assert_no_foreign_writes(
+            admin_engine, "leaky", "acme", "acme-wrote", column="owner_id"
+        )
     async with admin_engine.begin() as conn:
         await conn.execute(text("DROP TABLE leaky"))
 
@@ -356,7 +366,7 @@ async def test_validate_refuses_each_unsafe_set_up(
     rls_database: PgDatabase, admin_engine: AsyncEngine, rls_strategy: RowLevelSecurity
 ) -> None:
     meta = MetaData()
-    for name in ("bad_owned", "bad_unforced", "bad_nocheck", "bad_nopolicy"):
+    for name in ("bad_owned", "bad_unforced", "bad_nocheck", "bad_nopolicy", "bad_permissive"):
         Table(name, meta, Column("tenant_id", String, primary_key=True))
     strategy = RowLevelSecurity(metadata=meta)
     async with admin_engine.begin() as conn:
@@ -382,6 +392,9 @@ async def test_validate_refuses_each_unsafe_set_up(
             )
         )
         await conn.execute(text("DROP POLICY tenancy_isolation ON bad_nopolicy"))
+        await conn.execute(text("CREATE POLICY open ON bad_permissive USING (true)"))
+        # Not in the metadata: a table a migration created by hand, reachable, unprotected.
+        await conn.execute(text("CREATE TABLE bad_unlisted (tenant_id text, body text)"))
     database = TenantDatabase(rls_database.app_url, strategy)
     with pytest.raises(IsolationConfigError) as info:
         await database.validate()
@@ -392,6 +405,8 @@ async def test_validate_refuses_each_unsafe_set_up(
         ("R005", "bad_unforced"),
         ("R007", "bad_nocheck"),
         ("R006", "bad_nopolicy"),
+        ("R016", "bad_permissive"),
+        ("R015", "public.bad_unlisted"),
     ):
         assert f"[{code}] {table}" in message
     bypass_url = make_url(rls_database.app_url).set(username="tenancy_bypass", password=None)
@@ -401,6 +416,7 @@ async def test_validate_refuses_each_unsafe_set_up(
     await bypass.dispose()
     async with admin_engine.begin() as conn:
         await conn.run_sync(meta.drop_all)
+        await conn.execute(text("DROP TABLE bad_unlisted"))
 
 
 async def test_unsigned_binding_can_be_rewritten_by_raw_sql(db: TenantDatabase) -> None:
