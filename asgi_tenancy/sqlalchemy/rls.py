@@ -253,9 +253,9 @@ $tenancy$"""
     async def _check_unregistered(self, conn: AsyncConnection, known: set[str]) -> list[Finding]:
         """Tables the app role can reach that have the tenant column but no forced RLS.
 
-        Tables declared in ``shared_tables`` are skipped.
         The application's metadata cannot name a table a migration forgot, or one created by
-        hand; the catalog can. Tables the role holds no privilege on are out of its reach.
+        hand; the catalog can. Tables the role holds no privilege on are out of its reach, and
+        tables declared in ``shared_tables`` are the application's explicit choice.
         """
         rows = await conn.execute(
             text(
