@@ -831,3 +831,17 @@ async def test_results_and_streams_used_after_the_scope_raise(db: TenantDatabase
             await stream.fetchmany(2)
         with pytest.raises(SessionTenantMismatch):
             await s.run_sync(lambda _: list(project.tasks))
+
+
+def test_the_shape_cache_never_lends_a_safe_shape_to_a_smuggled_statement() -> None:
+    from asgi_tenancy.sqlalchemy.query_scoping import _cached_shape
+
+    pairs = [
+        (Project.name.op("||")("x") == "y", Project.name.op("OR")("x") == "y"),
+        (Project.id == 1, literal_column("1 OR 1") == 1),
+        (Project.id == 2, text("1=1 OR 1=1")),
+    ]
+    for benign, smuggled in pairs:
+        assert not _cached_shape(select(Project).where(benign)).fragment
+        assert not _cached_shape(select(Project).where(benign)).fragment  # from the cache
+        assert _cached_shape(select(Project).where(smuggled)).fragment
