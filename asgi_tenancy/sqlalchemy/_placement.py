@@ -84,9 +84,6 @@ class RegistryPlacement:
         """Objects removed in the registry row's transaction."""
 
 
-Placement = RegistryPlacement
-
-
 class SchemaPlacement(RegistryPlacement):
     """A schema (and optionally a NOLOGIN role) per tenant, created with the registry row."""
 

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..errors import ConfirmationRequired, IsolationConfigError, TenantNotFound
 from ..tenant import Tenant, TenantStatus, validate_tenant_id
-from ._placement import DatabasePlacement, Placement, RegistryPlacement, SchemaPlacement
+from ._placement import DatabasePlacement, RegistryPlacement, SchemaPlacement
 from ._registry import Registry
 from .database_per_tenant import DatabasePerTenant
 from .schema import SchemaPerTenant
@@ -154,7 +154,7 @@ class TenantProvisioner:
             raise TenantNotFound()
         return tenant
 
-    def _placement(self) -> Placement:
+    def _placement(self) -> RegistryPlacement:
         if isinstance(self.strategy, SchemaPerTenant):
             return SchemaPlacement(self, self.strategy)
         if isinstance(self.strategy, DatabasePerTenant):

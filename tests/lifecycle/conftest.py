@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -70,12 +70,9 @@ def lifecycle_database(pg_server: PgServer, pg_database: PgDatabase) -> Iterator
 
 
 @pytest.fixture
-async def lifecycle_admin(lifecycle_database: PgDatabase) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(lifecycle_database.admin_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+def lifecycle_admin(lifecycle_database: PgDatabase, admin_engine: AsyncEngine) -> AsyncEngine:
+    """The superuser engine, on a database whose registry is ready."""
+    return admin_engine
 
 
 Provision = Callable[..., TenantProvisioner]

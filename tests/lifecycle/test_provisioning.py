@@ -471,6 +471,20 @@ async def test_database_already_there_is_refused_and_left_alone(
     assert await _database_exists(lifecycle_admin, name)
 
 
+async def test_existing_database_tenant_id_keeps_its_database(
+    provision: Provision, lifecycle_admin: AsyncEngine, database_admin: Any
+) -> None:
+    provisioner = provision(DatabasePerTenant(), metadata=metadata)
+    tenant = await provisioner.create_tenant(_id())
+    name = f"{RUN}_{tenant.id}"
+    async with database_admin(name).begin() as conn:
+        await conn.execute(insert(notes).values(id=1, body="kept"))
+    with pytest.raises(TenantExists):
+        await provisioner.create_tenant(tenant.id)
+    assert (await _row(lifecycle_admin, tenant.id)).status == "active"
+    assert await _scalar(database_admin(name), "SELECT body FROM notes") == "kept"
+
+
 async def test_drop_database_tenant_removes_database_and_row(
     provision: Provision, lifecycle_admin: AsyncEngine
 ) -> None:
