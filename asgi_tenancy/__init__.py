@@ -16,6 +16,7 @@ from .context import (
     tenant_scope,
 )
 from .errors import (
+    ConfirmationRequired,
     InvalidTenantIdentifier,
     InvalidToken,
     IsolationConfigError,
@@ -25,6 +26,7 @@ from .errors import (
     TenantCapacityExceeded,
     TenantConflict,
     TenantContextError,
+    TenantExists,
     TenantNotFound,
     TenantStoreContractError,
     TenantStoreUnavailable,
@@ -50,6 +52,7 @@ __all__ = [
     "Authorize",
     "CachedTenantStore",
     "ChainPolicy",
+    "ConfirmationRequired",
     "HeaderResolver",
     "InMemoryTenantStore",
     "InvalidTenantIdentifier",
@@ -68,6 +71,7 @@ __all__ = [
     "TenantCapacityExceeded",
     "TenantConflict",
     "TenantContextError",
+    "TenantExists",
     "TenantLogFilter",
     "TenantNotFound",
     "TenantStatus",
