@@ -181,6 +181,46 @@ async def test_schema_cases_hold_through_pgbouncer(
     await _run_case(case, db=schema_db, role_db=schema_role_db, admin_engine=schema_admin)
 
 
+async def test_with_asyncpg_statement_cache_on_statements_fail_never_leak(
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity, pgbouncer: bouncer.PgBouncer
+) -> None:
+    """Why ``statement_cache_size=0`` is required with PgBouncer before 1.21: a statement
+    prepared by name on one server connection is looked for on another. A clean error
+    (SQLSTATE 26000), never another tenant's rows."""
+    database = TenantDatabase(
+        pgbouncer.url(rls_database.name, password=APP_PASSWORD),
+        rls_strategy,
+        engine_options={"pool_size": CLIENTS, "max_overflow": 0},  # asyncpg's defaults
+    )
+    await database.validate()
+    names: list[str] = []
+    foreign: list[object] = []
+    errors: list[DBAPIError] = []
+
+    async def request(i: int) -> None:
+        tenant = TENANTS[i % 3]
+        async with tenant_scope(tenant), database.session() as s:
+            for _ in range(3):  # the same statements, one transaction each
+                try:
+                    rows = (await s.scalars(select(Project.name).where(Project.id <= 3))).all()
+                except DBAPIError as exc:
+                    errors.append(exc)
+                    await s.rollback()
+                    continue
+                names.extend(rows)
+                foreign.extend(foreign_rows(rows, tenant.id))
+                await s.commit()
+
+    try:
+        await asyncio.gather(*(request(i) for i in range(3 * CLIENTS)))
+    finally:
+        await database.dispose()
+    assert foreign == []
+    assert errors
+    assert {getattr(exc.orig, "sqlstate", None) for exc in errors} == {"26000"}
+    assert all("does not exist" in str(exc) for exc in errors)
+
+
 # -- signed binding: tied to one server process, so it must fail closed --------------------
 
 
