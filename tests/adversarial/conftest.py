@@ -1,20 +1,23 @@
 """Fixtures of the RLS modules: the database set up once per module, a validated TenantDatabase.
 
-Each module defines ``rls_strategy`` (plain or signed); these fixtures build on it.
+Each module defines ``rls_strategy`` (plain or signed); these fixtures build on it. Also the
+session's PgBouncer (transaction pooling) in front of the test server, for test_pgbouncer.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from tests.adversarial import pgbouncer as bouncer
 from tests.adversarial.models import Base, seed_rows
-from tests.conftest import PgDatabase
+from tests.conftest import PgDatabase, PgServer
 
 
 async def _set_up(url: str, strategy: RowLevelSecurity) -> None:
@@ -45,3 +48,14 @@ async def db(
     await database.validate()
     yield database
     await database.dispose()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: PgServer) -> Iterator[bouncer.PgBouncer]:
+    """Debian's PgBouncer in transaction mode in front of the test server, for the session."""
+    if bouncer.binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail(bouncer.NOT_INSTALLED + " (CI must install it: see .ci/run)")
+        pytest.skip(bouncer.NOT_INSTALLED)
+    with bouncer.running(pg_server) as running:
+        yield running
