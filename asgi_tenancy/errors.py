@@ -14,7 +14,8 @@ identifier echoed back would let a caller probe which tenants exist.
     ├── TenancyUnavailable            503  the tenant cannot be served right now
     │   ├── TenantStoreUnavailable    503  the store raised or timed out
     │   │   └── TenantStoreContractError   the store answered with a malformed record
-    │   └── TenantCapacityExceeded    503  every engine or connection is leased
+    │   ├── TenantCapacityExceeded    503  every engine or connection is leased
+    │   └── TenantMigrating           503  the tenant's schema is being migrated (Retry-After)
     └── IsolationConfigError          500  refused at start-up: isolation would not hold
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "TenantCapacityExceeded",
     "TenantConflict",
     "TenantContextError",
+    "TenantMigrating",
     "TenantNotFound",
     "TenantStoreContractError",
     "TenantStoreUnavailable",
@@ -137,6 +139,14 @@ class TenantCapacityExceeded(TenancyUnavailable):
 
     code = "tenant_capacity_exceeded"
     title = "Tenant capacity exceeded"
+
+
+class TenantMigrating(TenancyUnavailable):
+    """The tenant's schema is being migrated; answered with ``Retry-After``, never half-read."""
+
+    code = "tenant_migrating"
+    title = "Tenant is being migrated"
+    retry_after: ClassVar[int] = 30  # seconds: most tenants migrate in far less
 
 
 class IsolationConfigError(TenancyError):

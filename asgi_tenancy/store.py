@@ -15,11 +15,12 @@ from typing import Protocol, runtime_checkable
 
 from .errors import (
     IsolationConfigError,
+    TenantMigrating,
     TenantNotFound,
     TenantStoreContractError,
     TenantStoreUnavailable,
 )
-from .tenant import Tenant, validate_tenant_id
+from .tenant import Tenant, TenantStatus, validate_tenant_id
 
 __all__ = ["CachedTenantStore", "InMemoryTenantStore", "TenantStore", "check_record", "load_tenant"]
 
@@ -73,7 +74,8 @@ def check_record(tenant_id: str, record: object) -> Tenant | None:
 async def load_tenant(store: TenantStore, tenant_id: str) -> Tenant:
     """Load an active tenant, or raise: unknown and suspended are the same ``TenantNotFound``.
 
-    The identifier is validated before the store sees it; a store that raises becomes
+    A tenant being migrated raises ``TenantMigrating`` (503, ``Retry-After``). The identifier
+    is validated before the store sees it; a store that raises becomes
     ``TenantStoreUnavailable`` (503) and one that breaks its contract a contract error.
     """
     validate_tenant_id(tenant_id)
@@ -84,6 +86,8 @@ async def load_tenant(store: TenantStore, tenant_id: str) -> Tenant:
     except Exception as exc:
         raise TenantStoreUnavailable() from exc
     tenant = check_record(tenant_id, record)
+    if tenant is not None and tenant.status is TenantStatus.MIGRATING:
+        raise TenantMigrating()
     if tenant is None or not tenant.is_active:
         raise TenantNotFound()
     return tenant
