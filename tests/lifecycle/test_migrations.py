@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -23,6 +24,7 @@ from asgi_tenancy.sqlalchemy.migrations import (
     env_template,
     migrate_tenants,
 )
+from tests.conftest import PgDatabase, PgServer, create_database, drop_database
 from tests.lifecycle.migration_scripts import (
     R1,
     R2,
@@ -387,3 +389,55 @@ def test_error_text_never_carries_credentials() -> None:
     assert "s3cret" not in text
     assert "owner" not in text
     assert text.startswith("OSError: ")
+
+
+# -- database per tenant --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tenant_databases(pg_server: PgServer) -> Iterator[list[PgDatabase]]:
+    databases = [create_database(pg_server, f"mig_dpt_{i}") for i in range(3)]
+    try:
+        yield databases
+    finally:
+        for database in databases:
+            drop_database(pg_server, database)
+
+
+async def test_database_per_tenant_migrates_each_database_alone(
+    admin_engine: AsyncEngine, tenant_databases: list[PgDatabase], ini: Path
+) -> None:
+    from asgi_tenancy.sqlalchemy import DatabasePerTenant, tenants_table
+
+    table = tenants_table(name="tenants_dpt_case")
+    async with admin_engine.begin() as conn:
+        await conn.run_sync(table.create)
+        for i, database in enumerate(tenant_databases):
+            # The application's URL (app role); the runner connects as the owner instead.
+            attributes = {"database_url": database.app_url}
+            await conn.execute(table.insert().values(id=f"db{i}", attributes=attributes))
+    provisioner = TenantProvisioner(
+        admin_engine, DatabasePerTenant(), app_role="tenancy_app", table=table
+    )
+    broken = create_async_engine(tenant_databases[2].admin_url)
+    async with broken.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE prices (note text)"))
+    await broken.dispose()
+
+    report = await migrate_tenants(provisioner, ini, concurrency=2)
+    statuses = {r.tenant_id: r.status for r in report.results}
+    assert statuses == {
+        "db0": MigrationStatus.OK,
+        "db1": MigrationStatus.OK,
+        "db2": MigrationStatus.FAILED,
+    }
+    assert "tenancy-app-test" not in report.to_json()
+    for database, expected in zip(tenant_databases, (R2, R2, None), strict=True):
+        engine = create_async_engine(database.admin_url)
+        async with engine.connect() as conn:
+            assert await version_of(conn, "public") == expected
+            tables = await tables_of(conn, "public")
+        await engine.dispose()
+        assert ("items" in tables) is (expected is not None)
+    rerun = await migrate_tenants(provisioner, ini, tenants=["db0", "db1"], concurrency=1)
+    assert [r.status for r in rerun.results] == [MigrationStatus.SKIPPED] * 2
