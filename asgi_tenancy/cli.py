@@ -172,6 +172,13 @@ def _add_migrate_group(commands: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="N",
         help="tenants migrated at once (default: the admin engine's pool size)",
     )
+    migrate.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="fail a tenant whose tables stay locked longer (default: wait)",
+    )
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
     migrate.set_defaults(handler=_migrate)
 
@@ -216,6 +223,7 @@ async def _migrate_async(args: argparse.Namespace, out: TextIO) -> int:
             canary=args.canary,
             dry_run=args.dry_run,
             observer=progress,
+            lock_timeout=args.lock_timeout,
         )
         progress.close(report)
     finally:

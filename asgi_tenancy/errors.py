@@ -148,6 +148,12 @@ class TenantMigrating(TenancyUnavailable):
     title = "Tenant is being migrated"
     retry_after: ClassVar[int] = 30  # seconds: most tenants migrate in far less
 
+    def __init__(self, message: str | None = None, *, tenant: object = None) -> None:
+        # The tenant travels to the middleware's membership check (a non-member gets the
+        # same 404 as for an unknown tenant); it is never rendered.
+        self.tenant = tenant
+        super().__init__(message)
+
 
 class IsolationConfigError(TenancyError):
     """Configuration under which isolation would not hold; raised at start-up, with a hint."""

@@ -87,7 +87,7 @@ async def load_tenant(store: TenantStore, tenant_id: str) -> Tenant:
         raise TenantStoreUnavailable() from exc
     tenant = check_record(tenant_id, record)
     if tenant is not None and tenant.status is TenantStatus.MIGRATING:
-        raise TenantMigrating()
+        raise TenantMigrating(tenant=tenant)
     if tenant is None or not tenant.is_active:
         raise TenantNotFound()
     return tenant

@@ -244,6 +244,7 @@ class _Job:
     schema: str | None
     destination: str
     main_options: tuple[tuple[str, str], ...] = field(default=())
+    lock_timeout_ms: int | None = None
 
 
 def _config_for(job: _Job) -> Config:
@@ -258,6 +259,14 @@ def _alembic_upgrade(sync: Connection, config: Config, job: _Job) -> str | None:
     from alembic import command
 
     sync.execute(sa.text(_LOCK_SQL), {"key": job.lock_key})
+    if job.lock_timeout_ms is not None:
+        # After the advisory lock: only the tenant's own tables are bounded. A request holding
+        # one makes this tenant fail (and stay at its revision) instead of queueing every
+        # later request behind an ACCESS EXCLUSIVE lock.
+        sync.execute(
+            sa.text("SELECT set_config('lock_timeout', :ms, true)"),
+            {"ms": f"{job.lock_timeout_ms}ms"},
+        )
     config.attributes[TARGET_KEY] = MigrationTarget(sync, job.tenant_id, job.schema)
     try:
         command.upgrade(config, job.destination)
@@ -384,6 +393,7 @@ class _Runner:
         dry_run: bool,
         observer: MigrationObserver | None,
         database_url: Callable[[Tenant], URL | str] | None,
+        lock_timeout: float | None,
     ) -> None:
         self.provisioner = provisioner
         self.config = config
@@ -392,6 +402,7 @@ class _Runner:
         self.dry_run = dry_run
         self.observer = observer
         self.database_url = database_url
+        self.lock_timeout_ms = None if lock_timeout is None else max(1, round(lock_timeout * 1000))
         self.admin_url = provisioner.admin_engine.url.render_as_string(hide_password=False)
         self._bound = asyncio.Semaphore(concurrency)
         self._versions: dict[str, str | None] = {}
@@ -438,6 +449,7 @@ class _Runner:
             schema=schema,
             destination=dest,
             main_options=options,
+            lock_timeout_ms=self.lock_timeout_ms,
         )
 
     # versions
@@ -643,6 +655,7 @@ async def migrate_tenants(
     dry_run: bool = False,
     observer: MigrationObserver | None = None,
     database_url: Callable[[Tenant], URL | str] | None = None,
+    lock_timeout: float | None = None,
 ) -> MigrationReport:
     """Migrate the shared schema (if it has a ``shared`` branch), then every tenant to head.
 
@@ -652,7 +665,8 @@ async def migrate_tenants(
     stops the others, unless it is one of the first ``canary`` tenants to migrate, in which case
     the rest are left ``not-run``. ``dry_run`` reads revisions and changes nothing.
     ``database_url`` (database-per-tenant) gives a tenant database's owner URL; by default it is
-    the tenant's URL with the admin engine's driver and credentials.
+    the tenant's URL with the admin engine's driver and credentials. ``lock_timeout`` (seconds)
+    bounds how long a tenant's migration waits for a table lock; past it that tenant fails.
     """
     began = time.perf_counter()
     alembic_config = _load_config(config)
@@ -662,6 +676,8 @@ async def migrate_tenants(
     )
     if not isinstance(bound, int) or bound < 1:
         raise IsolationConfigError("concurrency must be a positive integer")
+    if lock_timeout is not None and not lock_timeout > 0:
+        raise IsolationConfigError("lock_timeout must be a positive number of seconds")
     if not isinstance(canary, int) or canary < 0:
         raise IsolationConfigError("canary must be zero or a positive integer")
     selected = await _select(provisioner, tenants)
@@ -675,6 +691,7 @@ async def migrate_tenants(
         dry_run=dry_run,
         observer=observer,
         database_url=database_url,
+        lock_timeout=lock_timeout,
     )
     results: dict[str, MigrationResult] = {}
     try:

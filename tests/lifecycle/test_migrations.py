@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
@@ -441,3 +441,50 @@ async def test_database_per_tenant_migrates_each_database_alone(
         assert ("items" in tables) is (expected is not None)
     rerun = await migrate_tenants(provisioner, ini, tenants=["db0", "db1"], concurrency=1)
     assert [r.status for r in rerun.results] == [MigrationStatus.SKIPPED] * 2
+
+
+async def test_lock_timeout_fails_a_tenant_whose_tables_stay_locked(
+    provisioner: TenantProvisioner, tmp_path: Path, admin_engine: AsyncEngine
+) -> None:
+    busy, free = sorted(await add_tenants(provisioner, 2), key=lambda t: t.id)
+    assert (await migrate_tenants(provisioner, write_project(tmp_path / "a", revisions=(R1,)))).ok
+    ini = write_project(tmp_path / "b")
+    async with admin_engine.connect() as reader, reader.begin():
+        # A long request: its open transaction holds ACCESS SHARE on the busy tenant's items.
+        await reader.execute(sa.text(f'SELECT * FROM "{schema_of(provisioner, busy)}".items'))
+        report = await migrate_tenants(provisioner, ini, concurrency=1, lock_timeout=0.2)
+    by_id = {r.tenant_id: r for r in report.results}
+    assert by_id[busy.id].status is MigrationStatus.FAILED
+    assert "lock" in (by_id[busy.id].error or "").lower()
+    assert by_id[free.id].status is MigrationStatus.OK
+    async with admin_engine.connect() as conn:
+        assert await version_of(conn, schema_of(provisioner, busy)) == R1
+    assert await status_of(provisioner, busy) == "active"
+
+
+async def test_a_non_member_gets_the_unknown_tenant_404_during_a_migration() -> None:
+    from asgi_tenancy import InMemoryTenantStore, Tenant
+
+    store = InMemoryTenantStore([Tenant("acme", TenantStatus.MIGRATING)])
+
+    def members_only(connection: HTTPConnection, tenant: Tenant) -> bool:
+        return connection.headers.get("x-user") == "member"
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    app = Starlette(routes=[Route("/", hello)])
+    app.add_middleware(
+        TenancyMiddleware, resolvers=[HeaderResolver()], store=store, authorize=members_only
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        member = await client.get("/", headers={"x-tenant-id": "acme", "x-user": "member"})
+        stranger = await client.get("/", headers={"x-tenant-id": "acme", "x-user": "other"})
+        unknown = await client.get("/", headers={"x-tenant-id": "nobody", "x-user": "member"})
+    assert member.status_code == 503
+    assert member.headers["retry-after"] == "30"
+    assert stranger.status_code == unknown.status_code == 404
+    assert stranger.content == unknown.content
+    assert "retry-after" not in stranger.headers
