@@ -146,7 +146,7 @@ class TenantMigrating(TenancyUnavailable):
 
     code = "tenant_migrating"
     title = "Tenant is being migrated"
-    retry_after: ClassVar[int] = 30  # seconds: most tenants migrate in far less
+    retry_after: ClassVar[int] = 5  # seconds: CachedTenantStore's default negative_ttl
 
     def __init__(self, message: str | None = None, *, tenant: object = None) -> None:
         # The tenant travels to the middleware's membership check (a non-member gets the

@@ -97,9 +97,9 @@ class CachedTenantStore:
     """A TTL cache in front of a slow store, with single-flight loading and a hard bound.
 
     Holds at most ``max_entries`` answers (least recently used evicted first), each at most
-    ``ttl`` seconds old (``negative_ttl`` for "unknown"), so a suspension or deletion is seen
-    within ``ttl`` seconds, at once after ``invalidate``. Concurrent misses for one id share a
-    single store call; a store that raises or exceeds ``timeout`` gives
+    ``ttl`` seconds old (``negative_ttl`` for "unknown" and "migrating"), so a suspension or
+    deletion is seen within ``ttl`` seconds, at once after ``invalidate``. Concurrent misses
+    for one id share a single store call; a store that raises or exceeds ``timeout`` gives
     ``TenantStoreUnavailable``, which is never cached.
     """
 
@@ -173,7 +173,10 @@ class CachedTenantStore:
             raise TenantStoreUnavailable() from exc
         tenant = check_record(tenant_id, record)
         if generation == self._generation:  # an invalidation since makes this answer stale
-            ttl = self.negative_ttl if tenant is None else self.ttl
+            # "Migrating" is short-lived, like "unknown": held no longer than negative_ttl, so a
+            # tenant is served again within seconds of its migration's end.
+            brief = tenant is None or tenant.status is TenantStatus.MIGRATING
+            ttl = self.negative_ttl if brief else self.ttl
             self._entries[tenant_id] = (self._clock() + ttl, tenant)
             self._entries.move_to_end(tenant_id)
             while len(self._entries) > self.max_entries:

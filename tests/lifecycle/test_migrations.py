@@ -369,7 +369,7 @@ async def test_requests_get_503_with_retry_after_while_the_tenant_migrates(
 
     migrating = during["migrating"]
     assert migrating.status_code == 503
-    assert migrating.headers["retry-after"] == "30"
+    assert migrating.headers["retry-after"] == "5"
     assert migrating.headers["content-type"] == "application/problem+json"
     assert migrating.json()["code"] == "tenant_migrating"
     assert tenant.id not in migrating.text
@@ -484,7 +484,23 @@ async def test_a_non_member_gets_the_unknown_tenant_404_during_a_migration() -> 
         stranger = await client.get("/", headers={"x-tenant-id": "acme", "x-user": "other"})
         unknown = await client.get("/", headers={"x-tenant-id": "nobody", "x-user": "member"})
     assert member.status_code == 503
-    assert member.headers["retry-after"] == "30"
+    assert member.headers["retry-after"] == "5"
     assert stranger.status_code == unknown.status_code == 404
     assert stranger.content == unknown.content
     assert "retry-after" not in stranger.headers
+
+
+async def test_the_cache_holds_migrating_no_longer_than_unknown() -> None:
+    from asgi_tenancy import CachedTenantStore, InMemoryTenantStore, Tenant
+
+    now = [0.0]
+    inner = InMemoryTenantStore([Tenant("acme", TenantStatus.MIGRATING)])
+    cached = CachedTenantStore(inner, ttl=60, negative_ttl=5, clock=lambda: now[0])
+    assert (await cached.get("acme")).status is TenantStatus.MIGRATING  # type: ignore[union-attr]
+    inner.put(Tenant("acme"))
+    now[0] = 4.9
+    assert (await cached.get("acme")).status is TenantStatus.MIGRATING  # type: ignore[union-attr]
+    now[0] = 5.1
+    assert (await cached.get("acme")).status is TenantStatus.ACTIVE  # type: ignore[union-attr]
+    now[0] = 60.0
+    assert (await cached.get("acme")).status is TenantStatus.ACTIVE  # type: ignore[union-attr]
