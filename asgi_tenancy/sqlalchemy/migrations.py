@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -359,6 +360,10 @@ def describe_error(exc: BaseException) -> str:
     source = inner if isinstance(inner, BaseException) else exc
     message = str(source).strip().splitlines()[0] if str(source).strip() else ""
     message = _BACKGROUND.sub("", _DSN.sub(r"\1***@", message))
+    if not message and source.__traceback__ is not None:
+        # An empty assertion says nothing; where it was raised does (e.g. autocommit_block).
+        frame = traceback.extract_tb(source.__traceback__)[-1]
+        message = f"raised in {frame.name}() ({Path(frame.filename).name}:{frame.lineno})"
     return f"{type(source).__name__}: {message}"[:500]
 
 

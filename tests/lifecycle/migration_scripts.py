@@ -68,9 +68,30 @@ def upgrade() -> None:
     op.create_table("plans", sa.Column("id", sa.Integer, primary_key=True))
 '''
 
+R3_AUTOCOMMIT = "r3_autocommit"
+_AUTOCOMMIT = f'''
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{R3_AUTOCOMMIT}"
+down_revision = "{R2}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("notes", sa.Column("id", sa.Integer, primary_key=True))
+    with op.get_context().autocommit_block():
+        op.execute("CREATE INDEX CONCURRENTLY notes_id ON notes (id)")
+'''
+
 
 def write_project(
-    root: Path, *, revisions: tuple[str, ...] = (R1, R2), shared: bool = False
+    root: Path,
+    *,
+    revisions: tuple[str, ...] = (R1, R2),
+    shared: bool = False,
+    autocommit: bool = False,
 ) -> Path:
     """An alembic.ini and script directory (the shipped env.py); returns the ini path."""
     scripts = root / "migrations"
@@ -80,6 +101,8 @@ def write_project(
         (scripts / "versions" / f"{name}.py").write_text(_REVISIONS[name])
     if shared:
         (scripts / "versions" / f"{SHARED_REVISION}.py").write_text(_SHARED)
+    if autocommit:
+        (scripts / "versions" / f"{R3_AUTOCOMMIT}.py").write_text(_AUTOCOMMIT)
     ini = root / "alembic.ini"
     ini.write_text("[alembic]\nscript_location = migrations\n")
     return ini

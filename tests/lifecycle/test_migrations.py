@@ -504,3 +504,16 @@ async def test_the_cache_holds_migrating_no_longer_than_unknown() -> None:
     assert (await cached.get("acme")).status is TenantStatus.ACTIVE  # type: ignore[union-attr]
     now[0] = 60.0
     assert (await cached.get("acme")).status is TenantStatus.ACTIVE  # type: ignore[union-attr]
+
+
+async def test_an_autocommit_block_fails_the_tenant_and_commits_nothing(
+    provisioner: TenantProvisioner, tmp_path: Path, admin_engine: AsyncEngine
+) -> None:
+    (tenant,) = await add_tenants(provisioner, 1)
+    report = await migrate_tenants(provisioner, write_project(tmp_path, autocommit=True))
+    assert report.results[0].status is MigrationStatus.FAILED
+    assert "autocommit_block" in (report.results[0].error or "")
+    async with admin_engine.connect() as conn:
+        schema = schema_of(provisioner, tenant)
+        assert await version_of(conn, schema) is None
+        assert await tables_of(conn, schema) == set()
