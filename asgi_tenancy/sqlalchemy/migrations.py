@@ -17,10 +17,12 @@ import asyncio
 import enum
 import json
 import multiprocessing
+import multiprocessing.util
 import os
 import re
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -293,22 +295,49 @@ async def _upgrade(engine: AsyncEngine, config: Config, job: _Job) -> str | None
         return await conn.run_sync(_alembic_upgrade, config, job)
 
 
-_worker_loop: asyncio.AbstractEventLoop | None = None
-_worker_engines: dict[str, AsyncEngine] = {}
+class _WorkerState:
+    """A worker process's event loop and engines: one small pool per URL, a few URLs kept.
+
+    Schema tenants share the admin URL, so a worker connects once for all of them; database
+    tenants each have their own URL, and the least recently used engine is disposed.
+    """
+
+    MAX_ENGINES = 4
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engines: OrderedDict[str, AsyncEngine] = OrderedDict()
+        # Runs when the worker process exits normally: close connections, no EOF in the log.
+        multiprocessing.util.Finalize(self, self.close, exitpriority=10)
+
+    def engine(self, url: str) -> AsyncEngine:
+        engine = self.engines.get(url)
+        if engine is None:
+            engine = self.engines[url] = create_async_engine(url, pool_size=1, max_overflow=0)
+            while len(self.engines) > self.MAX_ENGINES:
+                _, old = self.engines.popitem(last=False)
+                self.loop.run_until_complete(old.dispose())
+        self.engines.move_to_end(url)
+        return engine
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            self.loop.run_until_complete(engine.dispose())
+        self.engines.clear()
+        self.loop.close()
+
+
+_worker: _WorkerState | None = None
 
 
 def _upgrade_in_worker(job: _Job) -> tuple[str | None, str | None]:
     """Entry point in a worker process: (to_revision, error) for one target."""
-    global _worker_loop
-    if _worker_loop is None:
-        _worker_loop = asyncio.new_event_loop()
-    engine = _worker_engines.get(job.url)
-    if engine is None:
-        if len(_worker_engines) >= 64:  # database-per-tenant: one URL per tenant
-            _worker_engines.clear()  # NullPool engines hold no connection worth disposing
-        engine = _worker_engines[job.url] = create_async_engine(job.url, poolclass=NullPool)
+    global _worker
+    if _worker is None:
+        _worker = _WorkerState()
     try:
-        return _worker_loop.run_until_complete(_upgrade(engine, _config_for(job), job)), None
+        engine = _worker.engine(job.url)
+        return _worker.loop.run_until_complete(_upgrade(engine, _config_for(job), job)), None
     except Exception as exc:
         return None, describe_error(exc)
 
@@ -356,9 +385,15 @@ _BACKGROUND = re.compile(r"\s*\(Background on this error at: [^)]*\)")
 
 def describe_error(exc: BaseException) -> str:
     """One line for the report: the exception's kind and message, credentials removed."""
-    inner = getattr(exc, "orig", None)
-    source = inner if isinstance(inner, BaseException) else exc
+    source = exc
+    inner = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's error
+    if isinstance(inner, BaseException):
+        # The adapter wraps asyncpg's own error, whose class names the condition.
+        source = inner.__cause__ if isinstance(inner.__cause__, Exception) else inner
     message = str(source).strip().splitlines()[0] if str(source).strip() else ""
+    sqlstate = getattr(source, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        message = f"[{sqlstate}] {message}"
     message = _BACKGROUND.sub("", _DSN.sub(r"\1***@", message))
     if not message and source.__traceback__ is not None:
         # An empty assertion says nothing; where it was raised does (e.g. autocommit_block).
@@ -541,6 +576,9 @@ class _Runner:
         except Exception as exc:
             return self._failed(tenant.id, None, exc, started)
         if current == self.plan.tenant_head:
+            if tenant.status is TenantStatus.MIGRATING and not self.dry_run:
+                # A run killed between its commit and the registry reset left the mark.
+                await self._unmark(tenant.id)
             return MigrationResult(tenant.id, MigrationStatus.SKIPPED, current, current)
         if self.dry_run:
             return MigrationResult(

@@ -135,6 +135,7 @@ async def test_a_failing_tenant_fails_alone_and_keeps_no_partial_ddl(
     error = by_id[bad.id].error
     assert error is not None
     assert "prices" in error
+    assert error.startswith("DuplicateTableError: [42P07] ")
     assert "postgresql" not in error  # no DSN in the report
     assert all(by_id[t.id].status is MigrationStatus.OK for t in good)
     async with admin_engine.connect() as conn:
@@ -517,3 +518,19 @@ async def test_an_autocommit_block_fails_the_tenant_and_commits_nothing(
         schema = schema_of(provisioner, tenant)
         assert await version_of(conn, schema) is None
         assert await tables_of(conn, schema) == set()
+
+
+async def test_a_mark_left_by_a_killed_run_is_cleared_even_at_head(
+    provisioner: TenantProvisioner, ini: Path, admin_engine: AsyncEngine
+) -> None:
+    behind, at_head = sorted(await add_tenants(provisioner, 2), key=lambda t: t.id)
+    assert (await migrate_tenants(provisioner, ini, tenants=[at_head.id])).ok
+    async with admin_engine.begin() as conn:  # as a run killed mid-way would leave them
+        await conn.execute(provisioner.table.update().values(status="migrating"))
+    dry = await migrate_tenants(provisioner, ini, dry_run=True)
+    assert [r.status for r in dry.results] == [MigrationStatus.DRY_RUN, MigrationStatus.SKIPPED]
+    assert await status_of(provisioner, at_head) == "migrating"  # a dry run changes nothing
+    report = await migrate_tenants(provisioner, ini, concurrency=1)
+    assert [r.status for r in report.results] == [MigrationStatus.OK, MigrationStatus.SKIPPED]
+    assert await status_of(provisioner, behind) == "active"
+    assert await status_of(provisioner, at_head) == "active"
