@@ -215,3 +215,15 @@ def test_bar_redraws_in_place_and_prints_failures() -> None:
     assert "\r\x1b[K[" + "#" * 15 + "." * 15 + "] 1/2 failed 0" in text
     assert "b failed: DuplicateTable: x\n" in text
     assert text.endswith("ok 1, failed 1 in 0.50s (head r2_price)\n")
+
+
+def test_the_package_and_the_cli_load_neither_alembic_nor_sqlalchemy() -> None:
+    import subprocess
+
+    code = (
+        "import sys, asgi_tenancy, asgi_tenancy.cli\n"
+        "asgi_tenancy.cli.build_parser()\n"
+        "print(','.join(m for m in ('alembic', 'sqlalchemy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
