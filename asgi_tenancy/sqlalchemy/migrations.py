@@ -42,6 +42,7 @@ from ..tenant import Tenant, TenantStatus
 from .database_per_tenant import DatabasePerTenant
 from .provisioning import TenantProvisioner
 from .schema import SchemaPerTenant
+from .strategy import quote_literal
 
 __all__ = [
     "SHARED_BRANCH",
@@ -179,11 +180,9 @@ def run_target(target_metadata: sa.MetaData | None = None, **configure: Any) -> 
         )
     connection = target.connection
     if target.schema is not None:
-        quoted = _quote_ident(target.schema)
         # Raw op.execute() SQL finds the target's tables; the translate map places op.* DDL.
-        connection.exec_driver_sql(
-            f"SELECT set_config('search_path', '{quoted.replace(chr(39), chr(39) * 2)}', true)"
-        )
+        path = quote_literal(_quote_ident(target.schema))
+        connection.exec_driver_sql(f"SELECT set_config('search_path', {path}, true)")
         connection = connection.execution_options(schema_translate_map={None: target.schema})
     context.configure(
         connection=connection,
@@ -202,6 +201,7 @@ def env_template() -> str:
 
 
 def _quote_ident(name: str) -> str:
+    """Always quoted (unlike ``strategy.quote_ident``): the schema name exactly as given."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -445,7 +445,8 @@ class _Runner:
         self.lock_timeout_ms = None if lock_timeout is None else max(1, round(lock_timeout * 1000))
         self.admin_url = provisioner.admin_engine.url.render_as_string(hide_password=False)
         self._bound = asyncio.Semaphore(concurrency)
-        self._versions: dict[str, str | None] = {}
+        # (url, schema) -> revision, read once per run: by the prefetch, or on first use.
+        self._versions: dict[tuple[str, str | None], str | None] = {}
         self._executor: _Executor | None = None
 
     # placement
@@ -454,12 +455,7 @@ class _Runner:
         strategy = self.provisioner.strategy
         if isinstance(strategy, SchemaPerTenant):
             return strategy.schema_for(tenant)
-        if isinstance(strategy, DatabasePerTenant):
-            return None
-        raise IsolationConfigError(
-            f"migrate_tenants supports the schema and database strategies, not {strategy.name!r}",
-            hint="with row-level security or query scoping, migrate the one schema with alembic",
-        )
+        return None  # a tenant database: its default schema
 
     def _url(self, tenant: Tenant) -> str:
         if not isinstance(self.provisioner.strategy, DatabasePerTenant):
@@ -510,11 +506,11 @@ class _Runner:
             ).scalars()
             found = sorted(present)
             for schema in wanted:
-                self._versions[schema] = None
+                self._versions[self.admin_url, schema] = None
             for start in range(0, len(found), 500):
                 chunk = found[start : start + 500]
                 union = " UNION ALL ".join(
-                    f"SELECT {_literal(s)} AS s, version_num FROM {_quote_ident(s)}."
+                    f"SELECT {quote_literal(s)} AS s, version_num FROM {_quote_ident(s)}."
                     f"{_quote_ident(_VERSION_TABLE)}"
                     for s in chunk
                 )
@@ -523,20 +519,23 @@ class _Runner:
                 for schema, version in rows:
                     grouped.setdefault(schema, []).append(version)
                 for schema in chunk:
-                    self._versions[schema] = ",".join(grouped.get(schema, [])) or None
+                    revision = ",".join(grouped.get(schema, [])) or None
+                    self._versions[self.admin_url, schema] = revision
 
     async def current(self, url: str, schema: str | None) -> str | None:
-        if schema is not None and schema in self._versions:
-            return self._versions[schema]
+        if (url, schema) in self._versions:
+            return self._versions[url, schema]
         engine = self.provisioner.admin_engine
         if url != self.admin_url:
             engine = create_async_engine(url, poolclass=NullPool)
         try:
             async with engine.connect() as conn:
-                return await conn.run_sync(_read_version, schema)
+                revision = await conn.run_sync(_read_version, schema)
         finally:
             if engine is not self.provisioner.admin_engine:
                 await engine.dispose()
+        self._versions[url, schema] = revision
+        return revision
 
     # the registry
 
@@ -670,10 +669,6 @@ class _Runner:
         )
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _load_config(config: Config | str | os.PathLike[str]) -> Config:
     if isinstance(config, Config):
         return config
@@ -723,6 +718,13 @@ async def migrate_tenants(
         raise IsolationConfigError("lock_timeout must be a positive number of seconds")
     if not isinstance(canary, int) or canary < 0:
         raise IsolationConfigError("canary must be zero or a positive integer")
+    if not isinstance(provisioner.strategy, SchemaPerTenant | DatabasePerTenant):
+        raise IsolationConfigError(
+            "migrate_tenants migrates schema or database tenants, not "
+            f"{provisioner.strategy.name!r}",
+            hint="with row-level security or query scoping all tenants share one schema: "
+            "run alembic upgrade as usual",
+        )
     selected = await _select(provisioner, tenants)
     if observer is not None:
         observer.begin(len(selected))

@@ -534,3 +534,12 @@ async def test_a_mark_left_by_a_killed_run_is_cleared_even_at_head(
     assert [r.status for r in report.results] == [MigrationStatus.OK, MigrationStatus.SKIPPED]
     assert await status_of(provisioner, behind) == "active"
     assert await status_of(provisioner, at_head) == "active"
+
+
+async def test_shared_table_strategies_are_refused(admin_engine: AsyncEngine, ini: Path) -> None:
+    from asgi_tenancy.sqlalchemy import QueryScoping
+
+    strategy = QueryScoping(metadata=sa.MetaData())
+    provisioner = TenantProvisioner(admin_engine, strategy, app_role="tenancy_app")
+    with pytest.raises(IsolationConfigError, match="schema or database tenants"):
+        await migrate_tenants(provisioner, ini)
