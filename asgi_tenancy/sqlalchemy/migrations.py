@@ -42,6 +42,7 @@ from ..tenant import Tenant, TenantStatus
 from .database_per_tenant import DatabasePerTenant
 from .provisioning import TenantProvisioner
 from .schema import SchemaPerTenant
+from .schema import _grants as _grant_statements
 from .strategy import quote_literal
 
 __all__ = [
@@ -248,6 +249,7 @@ class _Job:
     destination: str
     main_options: tuple[tuple[str, str], ...] = field(default=())
     lock_timeout_ms: int | None = None
+    grants: tuple[str, ...] = ()  # run after the revisions, in the same transaction
 
 
 def _config_for(job: _Job) -> Config:
@@ -275,6 +277,8 @@ def _alembic_upgrade(sync: Connection, config: Config, job: _Job) -> str | None:
         command.upgrade(config, job.destination)
     finally:
         del config.attributes[TARGET_KEY]
+    for statement in job.grants:
+        sync.exec_driver_sql(statement)
     return _read_version(sync, job.schema)
 
 
@@ -434,6 +438,7 @@ class _Runner:
         observer: MigrationObserver | None,
         database_url: Callable[[Tenant], URL | str] | None,
         lock_timeout: float | None,
+        grant: bool,
     ) -> None:
         self.provisioner = provisioner
         self.config = config
@@ -442,6 +447,7 @@ class _Runner:
         self.dry_run = dry_run
         self.observer = observer
         self.database_url = database_url
+        self.grant = grant
         self.lock_timeout_ms = None if lock_timeout is None else max(1, round(lock_timeout * 1000))
         self.admin_url = provisioner.admin_engine.url.render_as_string(hide_password=False)
         self._bound = asyncio.Semaphore(concurrency)
@@ -467,7 +473,33 @@ class _Runner:
         )
         return make_url(url).render_as_string(hide_password=False)
 
-    def _job(self, tenant_id: str | None, url: str, schema: str | None, dest: str) -> _Job:
+    def _grants(self, tenant: Tenant | None, schema: str | None) -> tuple[str, ...]:
+        """DML on the target's tables for the role that serves it, new tables included.
+
+        The grants ``create_tenant_schema`` gives, re-applied: a table a revision adds is
+        committed together with its grant. No grants on a shared target without a schema
+        (it would be the registry's ``public``).
+        """
+        strategy = self.provisioner.strategy
+        grantee: str | None = self.provisioner.app_role
+        if tenant is not None and isinstance(strategy, SchemaPerTenant):
+            grantee = strategy.role_for(tenant) or grantee
+        elif tenant is not None and isinstance(strategy, DatabasePerTenant):
+            schema = "public"
+            grantee = strategy.url_of(tenant).username or grantee
+            if grantee == self.provisioner.admin_engine.url.username:
+                grantee = None  # the owner needs no grant
+        if schema is None or grantee is None:
+            return ()
+        return tuple(_grant_statements(_quote_ident(schema), _quote_ident(grantee)))
+
+    def _job(
+        self,
+        tenant: Tenant | None,
+        url: str,
+        schema: str | None,
+        dest: str,
+    ) -> _Job:
         script_location = self.config.get_main_option("script_location")
         if not script_location:
             raise IsolationConfigError("the Alembic config names no script_location")
@@ -480,12 +512,13 @@ class _Runner:
             config_file=self.config.config_file_name,
             script_location=script_location,
             url=url,
-            lock_key=tenant_id or SHARED_ID,
-            tenant_id=tenant_id,
+            lock_key=tenant.id if tenant else SHARED_ID,
+            tenant_id=tenant.id if tenant else None,
             schema=schema,
             destination=dest,
             main_options=options,
             lock_timeout_ms=self.lock_timeout_ms,
+            grants=self._grants(tenant, schema) if self.grant else (),
         )
 
     # versions
@@ -601,7 +634,7 @@ class _Runner:
             schema = self._schema(tenant)
             url = self._url(tenant)
             current = await self.current(url, schema)
-            job = self._job(tenant.id, url, schema, self.plan.tenant_head)
+            job = self._job(tenant, url, schema, self.plan.tenant_head)
         except Exception as exc:
             return self._failed(tenant.id, current, exc, started)
         marked = await self._mark(tenant.id)
@@ -637,7 +670,11 @@ class _Runner:
         if schema is not None:
             async with self.provisioner.admin_engine.begin() as conn:
                 await conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(schema)}"))
-        to_revision, error = await self._run(self._job(None, self.admin_url, schema, head))
+        try:
+            job = self._job(None, self.admin_url, schema, head)
+        except Exception as exc:
+            return self._failed(SHARED_ID, current, exc, started)
+        to_revision, error = await self._run(job)
         elapsed = time.perf_counter() - started
         status = MigrationStatus.FAILED if error else MigrationStatus.OK
         return MigrationResult(
@@ -694,6 +731,7 @@ async def migrate_tenants(
     observer: MigrationObserver | None = None,
     database_url: Callable[[Tenant], URL | str] | None = None,
     lock_timeout: float | None = None,
+    grant: bool = True,
 ) -> MigrationReport:
     """Migrate the shared schema (if it has a ``shared`` branch), then every tenant to head.
 
@@ -705,6 +743,7 @@ async def migrate_tenants(
     ``database_url`` (database-per-tenant) gives a tenant database's owner URL; by default it is
     the tenant's URL with the admin engine's driver and credentials. ``lock_timeout`` (seconds)
     bounds how long a tenant's migration waits for a table lock; past it that tenant fails.
+    ``grant`` re-applies the tenant's DML grants after its revisions, so new tables are usable.
     """
     began = time.perf_counter()
     alembic_config = _load_config(config)
@@ -737,6 +776,7 @@ async def migrate_tenants(
         observer=observer,
         database_url=database_url,
         lock_timeout=lock_timeout,
+        grant=grant,
     )
     results: dict[str, MigrationResult] = {}
     try:

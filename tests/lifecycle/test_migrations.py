@@ -15,7 +15,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from asgi_tenancy import HeaderResolver, TenancyMiddleware, TenantStatus
+from asgi_tenancy import HeaderResolver, TenancyMiddleware, Tenant, TenantStatus
 from asgi_tenancy.errors import IsolationConfigError
 from asgi_tenancy.sqlalchemy import SqlAlchemyTenantStore, TenantProvisioner
 from asgi_tenancy.sqlalchemy.migrations import (
@@ -35,6 +35,7 @@ from tests.lifecycle.migration_scripts import (
     schema_of,
     status_of,
     tables_of,
+    unique,
     version_of,
     write_project,
 )
@@ -464,7 +465,7 @@ async def test_lock_timeout_fails_a_tenant_whose_tables_stay_locked(
 
 
 async def test_a_non_member_gets_the_unknown_tenant_404_during_a_migration() -> None:
-    from asgi_tenancy import InMemoryTenantStore, Tenant
+    from asgi_tenancy import InMemoryTenantStore
 
     store = InMemoryTenantStore([Tenant("acme", TenantStatus.MIGRATING)])
 
@@ -492,7 +493,7 @@ async def test_a_non_member_gets_the_unknown_tenant_404_during_a_migration() -> 
 
 
 async def test_the_cache_holds_migrating_no_longer_than_unknown() -> None:
-    from asgi_tenancy import CachedTenantStore, InMemoryTenantStore, Tenant
+    from asgi_tenancy import CachedTenantStore, InMemoryTenantStore
 
     now = [0.0]
     inner = InMemoryTenantStore([Tenant("acme", TenantStatus.MIGRATING)])
@@ -543,3 +544,35 @@ async def test_shared_table_strategies_are_refused(admin_engine: AsyncEngine, in
     provisioner = TenantProvisioner(admin_engine, strategy, app_role="tenancy_app")
     with pytest.raises(IsolationConfigError, match="schema or database tenants"):
         await migrate_tenants(provisioner, ini)
+
+
+async def test_tables_a_revision_adds_are_granted_to_the_serving_role(
+    admin_engine: AsyncEngine, ini: Path
+) -> None:
+    from asgi_tenancy.sqlalchemy import SchemaPerTenant, tenants_table
+
+    role = unique("mig_app_")  # no default privileges: only the runner's grants can help
+    async with admin_engine.begin() as conn:
+        await conn.execute(sa.text(f'CREATE ROLE "{role}" NOLOGIN'))
+    table = tenants_table(name=unique("tenants_"))
+    async with admin_engine.begin() as conn:
+        await conn.run_sync(table.create)
+    provisioner = TenantProvisioner(
+        admin_engine, SchemaPerTenant(shared_schema=None), app_role=role, table=table
+    )
+    granted, bare = await add_tenants(provisioner, 2)
+    assert (await migrate_tenants(provisioner, ini, tenants=[granted.id])).ok
+    assert (await migrate_tenants(provisioner, ini, tenants=[bare.id], grant=False)).ok
+
+    async def may(tenant: Tenant, privilege: str) -> bool:
+        async with admin_engine.connect() as conn:
+            allowed = await conn.scalar(
+                sa.text("SELECT has_table_privilege(:r, :t, :p)"),
+                {"r": role, "t": f'"{schema_of(provisioner, tenant)}".prices', "p": privilege},
+            )
+        return bool(allowed)
+
+    assert await may(granted, "SELECT")
+    assert await may(granted, "INSERT")
+    assert not await may(granted, "TRUNCATE")  # DML only, never ownership-like rights
+    assert not await may(bare, "SELECT")
