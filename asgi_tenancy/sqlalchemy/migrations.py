@@ -587,6 +587,13 @@ class _Runner:
         async with self.provisioner.admin_engine.begin() as conn:
             return (await conn.execute(statement)).first() is not None
 
+    async def _unmark_safely(self, tenant_id: str) -> str | None:
+        try:
+            await self._unmark(tenant_id)
+        except Exception as exc:
+            return describe_error(exc)
+        return None
+
     async def _unmark(self, tenant_id: str) -> None:
         table = self.provisioner.table
         statement = (
@@ -635,17 +642,20 @@ class _Runner:
             url = self._url(tenant)
             current = await self.current(url, schema)
             job = self._job(tenant, url, schema, self.plan.tenant_head)
+            marked = await self._mark(tenant.id)
         except Exception as exc:
             return self._failed(tenant.id, current, exc, started)
-        marked = await self._mark(tenant.id)
         if self.observer is not None:
             self.observer.started(tenant.id)  # marked (if it was active), about to migrate
         try:
             to_revision, error = await self._run(job)
         finally:
-            if marked:
-                await self._unmark(tenant.id)
+            unmark_error = await self._unmark_safely(tenant.id) if marked else None
         elapsed = time.perf_counter() - started
+        if error is None and unmark_error is not None:
+            # Migrated, but requests still get 503: a re-run finds it at head and resets it.
+            error = f"migrated, but the registry still says migrating: {unmark_error}"
+            current = to_revision
         if error is not None:
             return MigrationResult(
                 tenant.id, MigrationStatus.FAILED, current, current, error, elapsed
@@ -674,7 +684,12 @@ class _Runner:
             job = self._job(None, self.admin_url, schema, head)
         except Exception as exc:
             return self._failed(SHARED_ID, current, exc, started)
-        to_revision, error = await self._run(job)
+        # In this process, before the tenants' executor is sized for them.
+        executor = _Executor(1, self.provisioner.admin_engine)
+        try:
+            to_revision, error = await executor.run(job)
+        finally:
+            await executor.close()
         elapsed = time.perf_counter() - started
         status = MigrationStatus.FAILED if error else MigrationStatus.OK
         return MigrationResult(
@@ -688,8 +703,8 @@ class _Runner:
             self._executor = _Executor(workers, self.provisioner.admin_engine)
 
     async def _run(self, job: _Job) -> tuple[str | None, str | None]:
-        self.expect(1)
-        assert self._executor is not None
+        if self._executor is None:
+            raise RuntimeError("expect() sizes the executor before any run")
         return await self._executor.run(job)
 
     async def close(self) -> None:

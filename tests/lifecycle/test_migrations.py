@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse
@@ -576,3 +576,79 @@ async def test_tables_a_revision_adds_are_granted_to_the_serving_role(
     assert await may(granted, "INSERT")
     assert not await may(granted, "TRUNCATE")  # DML only, never ownership-like rights
     assert not await may(bare, "SELECT")
+
+
+async def _advisory_waiters(conn: AsyncConnection) -> int:
+    count = await conn.scalar(
+        sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    )
+    return int(count or 0)
+
+
+async def test_tenants_really_run_in_parallel_after_the_shared_schema(
+    admin_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    from asgi_tenancy.sqlalchemy import SchemaPerTenant, tenants_table
+
+    table = tenants_table(name=unique("tenants_"))
+    async with admin_engine.begin() as conn:
+        await conn.run_sync(table.create)
+    provisioner = TenantProvisioner(
+        admin_engine,
+        SchemaPerTenant(shared_schema=unique("shared_")),
+        app_role="tenancy_app",
+        table=table,
+    )
+    first, second = await add_tenants(provisioner, 2)
+    ini = write_project(tmp_path, shared=True)
+    lock = "SELECT pg_advisory_lock(hashtext('asgi-tenancy migrate ' || :k))"
+    async with admin_engine.connect() as blocker, admin_engine.connect() as watcher:
+        for tenant in (first, second):
+            await blocker.execute(sa.text(lock), {"k": tenant.id})
+        await blocker.commit()
+        run = asyncio.create_task(migrate_tenants(provisioner, ini, concurrency=2))
+        # Both tenants wait on their lock at once only if two migrations run side by side;
+        # run one after the other, the second never reaches its lock while the first waits.
+        async with asyncio.timeout(60):
+            while await _advisory_waiters(watcher) < 2:
+                await watcher.rollback()  # a fresh snapshot of pg_locks each time
+                await asyncio.sleep(0.05)  # polling a condition, bounded by the timeout
+        await blocker.execute(sa.text("SELECT pg_advisory_unlock_all()"))
+        report = await asyncio.wait_for(run, timeout=60)
+    assert report.ok
+    assert report.shared is not None
+    assert report.shared.status is MigrationStatus.OK
+    assert [r.status for r in report.results] == [MigrationStatus.OK] * 2
+
+
+async def test_a_failed_registry_reset_is_reported_and_cleared_by_a_rerun(
+    provisioner: TenantProvisioner, ini: Path, admin_engine: AsyncEngine
+) -> None:
+    (tenant,) = await add_tenants(provisioner, 1)
+    name = provisioner.table.name
+    async with admin_engine.begin() as conn:  # the registry refuses the reset, for real
+        await conn.execute(
+            sa.text(
+                "CREATE FUNCTION refuse_reset() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'registry is read-only'; END $$"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                f'CREATE TRIGGER refuse_reset BEFORE UPDATE ON "{name}" FOR EACH ROW'
+                " WHEN (NEW.status = 'active') EXECUTE FUNCTION refuse_reset()"
+            )
+        )
+    report = await migrate_tenants(provisioner, ini, concurrency=1)
+    (result,) = report.results
+    assert result.status is MigrationStatus.FAILED
+    assert result.to_revision == R2
+    assert "registry still says migrating" in (result.error or "")
+    assert "read-only" in (result.error or "")
+    assert await status_of(provisioner, tenant) == "migrating"
+    async with admin_engine.begin() as conn:
+        await conn.execute(sa.text(f'DROP TRIGGER refuse_reset ON "{name}"'))
+        await conn.execute(sa.text("DROP FUNCTION refuse_reset()"))
+    rerun = await migrate_tenants(provisioner, ini, concurrency=1)
+    assert rerun.results[0].status is MigrationStatus.SKIPPED
+    assert await status_of(provisioner, tenant) == "active"
