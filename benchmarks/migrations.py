@@ -11,6 +11,9 @@ shipped ``env.py``; ``r2`` adds ``items.price``.
   costs) is timed on SAMPLE tenants and extrapolated to 1,000.
 - ``upgrade``: r1 -> r2 on all 1,000, sequential (in-process, one transaction per tenant) and
   concurrent (CONCURRENCY worker processes); the schemas are reset to r1 with DDL in between.
+- ``upgrade_waiting``: the same on WAITING_TENANTS tenants with an r2 that also waits
+  WAIT_MS on the server (``pg_sleep``), standing for a backfill or an index build: where
+  concurrency pays even on a small machine.
 
 Peak RSS of this process and of the largest worker. Prints one JSON object.
 """
@@ -43,6 +46,7 @@ from asgi_tenancy.sqlalchemy.migrations import (
 from benchmarks.common import machine, peak_rss_mb, postgres
 
 TENANTS, CONCURRENCY, SAMPLE = 1000, 4, 100
+WAITING_TENANTS, WAIT_MS = 200, 20
 DATABASE = "bench_migrations"
 
 _R1 = """
@@ -101,6 +105,13 @@ $bench$
 """
 
 
+_R2_WAITING = (
+    _R2
+    + f"""    op.execute("SELECT pg_sleep({WAIT_MS / 1000})")
+"""
+)
+
+
 def _project(root: Path, *revisions: tuple[str, str]) -> Path:
     scripts = root / "migrations"
     (scripts / "versions").mkdir(parents=True)
@@ -157,6 +168,7 @@ async def main() -> dict[str, Any]:
         )
         at_r1 = _project(Path(folder) / "v1", ("r1", _R1))
         at_r2 = _project(Path(folder) / "v2", ("r1", _R1), ("r2", _R2))
+        waiting = _project(Path(folder) / "v2w", ("r1", _R1), ("r2", _R2_WAITING))
 
         noop = {
             "sequential": _figures(await migrate_tenants(provisioner, at_r1, concurrency=1)),
@@ -172,15 +184,23 @@ async def main() -> dict[str, Any]:
             report = await migrate_tenants(provisioner, at_r2, concurrency=bound)
             upgrade[name] = _figures(report)
             assert report.counts()["ok"] == TENANTS
+        some = [f"m{i:04d}" for i in range(WAITING_TENANTS)]
+        upgrade_waiting: dict[str, Any] = {}
+        for name, bound in (("sequential", 1), ("concurrent", CONCURRENCY)):
+            async with engine.begin() as conn:
+                await conn.execute(text(_RESET))
+            report = await migrate_tenants(provisioner, waiting, tenants=some, concurrency=bound)
+            upgrade_waiting[name] = _figures(report)
         await engine.dispose()
         server = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
         async with server.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
         await server.dispose()
 
-    upgrade["speedup"] = round(
-        upgrade["sequential"]["seconds"] / upgrade["concurrent"]["seconds"], 2
-    )
+    for figures in (upgrade, upgrade_waiting):
+        figures["speedup"] = round(
+            figures["sequential"]["seconds"] / figures["concurrent"]["seconds"], 2
+        )
     return {
         "benchmark": "migrations",
         "tenants": TENANTS,
@@ -192,6 +212,11 @@ async def main() -> dict[str, Any]:
             "full_alembic_sample": SAMPLE,
         },
         "upgrade_add_column": upgrade,
+        "upgrade_waiting": {
+            "tenants": WAITING_TENANTS,
+            "server_wait_ms_per_tenant": WAIT_MS,
+            **upgrade_waiting,
+        },
         "set_up_s": set_up,
         "set_up_method": "one DO block of plain DDL in one transaction",
         "peak_rss_mb": peak_rss_mb(),
