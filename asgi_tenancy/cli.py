@@ -201,10 +201,16 @@ def _migrate(args: argparse.Namespace, out: TextIO) -> int:
 
         out.write(env_template())
         return EXIT_OK
+    from .sqlalchemy.migrations import describe_error
+
     try:
         return asyncio.run(_migrate_async(args, out))
     except TenancyError as exc:
         print(f"error ({exc.code}): {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # the registry unreachable, a broken script directory...
+        # One line without credentials, not a traceback that may print a DSN.
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

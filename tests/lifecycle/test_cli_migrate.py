@@ -64,10 +64,10 @@ class Project:
     provisioner: TenantProvisioner
     url: str
 
-    async def run(self, *args: str, ci: bool = True) -> Run:
+    async def run(self, *args: str, ci: bool = True, url: str | None = None) -> Run:
         env = {
             **os.environ,
-            "MIGRATE_TEST_URL": self.url,
+            "MIGRATE_TEST_URL": url or self.url,
             "MIGRATE_TEST_TABLE": self.provisioner.table.name,
             "TENANCY_APP": "tenancy_app:provisioner",
             "CI": "true" if ci else "",
@@ -227,3 +227,12 @@ def test_the_package_and_the_cli_load_neither_alembic_nor_sqlalchemy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+async def test_an_unreachable_registry_is_one_line_without_credentials(project: Project) -> None:
+    url = "postgresql+asyncpg://owner:hunter2@127.0.0.1:9/nowhere"  # the discard port: refused
+    run = await project.run("--all", url=url)
+    assert run.code == 2
+    assert run.stderr.startswith("error: ")
+    assert "Traceback" not in run.stderr
+    assert "hunter2" not in run.stdout + run.stderr
