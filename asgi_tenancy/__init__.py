@@ -16,6 +16,7 @@ from .context import (
     tenant_scope,
 )
 from .errors import (
+    ConfirmationRequired,
     InvalidTenantIdentifier,
     InvalidToken,
     IsolationConfigError,
@@ -25,6 +26,7 @@ from .errors import (
     TenantCapacityExceeded,
     TenantConflict,
     TenantContextError,
+    TenantExists,
     TenantMigrating,
     TenantNotFound,
     TenantStoreContractError,
@@ -51,6 +53,7 @@ __all__ = [
     "Authorize",
     "CachedTenantStore",
     "ChainPolicy",
+    "ConfirmationRequired",
     "HeaderResolver",
     "InMemoryTenantStore",
     "InvalidTenantIdentifier",
@@ -69,6 +72,7 @@ __all__ = [
     "TenantCapacityExceeded",
     "TenantConflict",
     "TenantContextError",
+    "TenantExists",
     "TenantLogFilter",
     "TenantMigrating",
     "TenantNotFound",

@@ -1,8 +1,9 @@
 """The ``asgi-tenancy`` command line: one subcommand group per concern.
 
 ``asgi-tenancy sql check --tenant ID [tables] "SQL" [--json]`` prints the guarded query or the
-refusal. Groups (``sql`` now; ``tenants``, ``migrate``, ``policy``, ``audit`` later) register
-themselves in ``_GROUPS``; each group module stays free to import its own dependencies lazily.
+refusal; ``asgi-tenancy tenants list|show|create|suspend|activate|drop`` runs the application's
+``TenantProvisioner``. Groups (``sql``, ``tenants``; ``migrate``, ``policy``, ``audit`` later)
+register themselves in ``_GROUPS``; each stays free to import its own dependencies lazily.
 
 Commands that act on an application's tenants load its ``TenantProvisioner`` from
 ``--app module:attribute`` (or ``TENANCY_APP``); the attribute may also be a zero-argument
@@ -12,16 +13,17 @@ callable returning one, so building engines can wait until the command runs.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from .sqlalchemy.provisioning import TenantProvisioner
+    from .tenant import Tenant
 
 __all__ = ["build_parser", "main"]
 
@@ -146,6 +148,140 @@ def _sql_check(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _attribute_option(value: str) -> tuple[str, str]:
+    key, sep, item = value.partition("=")
+    if not key or not sep:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE")
+    return key, item
+
+
+def _add_tenants_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tenants = commands.add_parser("tenants", help="list, create, suspend and drop tenants")
+    actions = tenants.add_subparsers(dest="action", required=True, metavar="ACTION")
+    helps = {
+        "list": "every registered tenant",
+        "show": "one tenant",
+        "create": "register a tenant and create its schema or database",
+        "suspend": "stop serving a tenant (stores see it after their cache TTL)",
+        "activate": "serve a suspended tenant again",
+        "drop": "delete a tenant and its schema or database (needs --yes)",
+    }
+    for name, text in helps.items():
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if name != "list":
+            action.add_argument("tenant_id", metavar="ID", help="the tenant identifier")
+        if name == "create":
+            action.add_argument(
+                "--attr",
+                action="append",
+                default=[],
+                type=_attribute_option,
+                metavar="KEY=VALUE",
+                help="a tenant attribute (a string); repeatable",
+            )
+        if name == "drop":
+            action.add_argument("--yes", action="store_true", help="confirm: the data goes too")
+        action.add_argument("--json", action="store_true", help="print one JSON object")
+        add_app_option(action)
+        action.set_defaults(handler=_tenants)
+
+
+def _tenants(args: argparse.Namespace, out: TextIO) -> int:
+    import asyncio
+
+    from .errors import TenancyError
+
+    try:
+        provisioner = load_provisioner(args.app)
+    except (TenancyError, ImportError, AttributeError) as exc:
+        return _report_error(args, out, exc, EXIT_USAGE)
+    return asyncio.run(_run_tenants(provisioner, args, out))
+
+
+async def _run_tenants(
+    provisioner: TenantProvisioner, args: argparse.Namespace, out: TextIO
+) -> int:
+    from .errors import ConfirmationRequired, InvalidTenantIdentifier, TenancyError, TenantNotFound
+
+    try:
+        if args.action == "list":
+            tenants = await provisioner.list_tenants()
+            _print(args, out, {"tenants": [_tenant_json(t) for t in tenants]}, tenants)
+            return EXIT_OK
+        tenant: Tenant | None
+        if args.action == "show":
+            tenant = await provisioner.get(args.tenant_id)
+            if tenant is None:
+                raise TenantNotFound()
+        elif args.action == "create":
+            tenant = await provisioner.create_tenant(args.tenant_id, dict(args.attr))
+        elif args.action == "suspend":
+            tenant = await provisioner.suspend(args.tenant_id)
+        elif args.action == "activate":
+            tenant = await provisioner.activate(args.tenant_id)
+        else:
+            try:
+                await provisioner.drop_tenant(args.tenant_id, confirm=args.yes)
+            except ConfirmationRequired as exc:
+                raise ConfirmationRequired(exc.message, hint="pass --yes") from None
+            _print(args, out, {"dropped": args.tenant_id}, f"dropped {args.tenant_id}")
+            return EXIT_OK
+        _print(args, out, {"tenant": _tenant_json(tenant)}, [tenant])
+        return EXIT_OK
+    except InvalidTenantIdentifier as exc:
+        return _report_error(args, out, exc, EXIT_USAGE)
+    except TenancyError as exc:
+        return _report_error(args, out, exc, EXIT_REFUSED)
+    finally:
+        await provisioner.strategy.dispose()
+        await provisioner.dispose()
+
+
+def _tenant_json(tenant: Tenant) -> dict[str, object]:
+    return {
+        "id": tenant.id,
+        "status": tenant.status.value,
+        "attributes": _masked(tenant.attributes),
+    }
+
+
+def _masked(attributes: Mapping[str, object]) -> dict[str, object]:
+    """Attributes for printing: database URLs keep their shape, never their password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    shown = dict(attributes)
+    for key, value in shown.items():
+        if isinstance(value, str) and "://" in value:
+            with contextlib.suppress(ArgumentError, ValueError):  # not a URL: shown as it is
+                shown[key] = make_url(value).render_as_string(hide_password=True)
+    return shown
+
+
+def _print(
+    args: argparse.Namespace, out: TextIO, body: dict[str, object], text: str | list[Tenant]
+) -> None:
+    if args.json:
+        print(json.dumps({"ok": True, **body}), file=out)
+    elif isinstance(text, str):
+        print(text, file=out)
+    else:
+        for tenant in text:
+            attributes = json.dumps(_masked(tenant.attributes), sort_keys=True)
+            print(f"{tenant.id}\t{tenant.status.value}\t{attributes}", file=out)
+
+
+def _report_error(args: argparse.Namespace, out: TextIO, exc: Exception, status: int) -> int:
+    code = getattr(exc, "code", "usage")
+    message = getattr(exc, "message", str(exc))
+    hint = getattr(exc, "hint", None)
+    if args.json:
+        print(json.dumps({"ok": False, "code": code, "message": message, "hint": hint}), file=out)
+    else:
+        print(f"error ({code}): {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+    return status
+
+
 def _add_migrate_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate = commands.add_parser(
         "migrate",
@@ -201,6 +337,8 @@ def _migrate(args: argparse.Namespace, out: TextIO) -> int:
 
         out.write(env_template())
         return EXIT_OK
+    import asyncio
+
     from .sqlalchemy.migrations import describe_error
 
     try:
@@ -241,6 +379,7 @@ async def _migrate_async(args: argparse.Namespace, out: TextIO) -> int:
 
 _GROUPS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_sql_group,
+    _add_tenants_group,
     _add_migrate_group,
 )
 

@@ -11,14 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import hashlib
+import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from .errors import TenantContextError, TenantNotFound
+from .errors import (
+    InvalidTenantIdentifier,
+    IsolationConfigError,
+    TenantContextError,
+    TenantNotFound,
+)
 from .tenant import Tenant, validate_tenant_id
 
 if TYPE_CHECKING:
@@ -178,34 +185,81 @@ def in_central_scope() -> bool:
     return state is not None and state.tenant is None
 
 
-def capture() -> dict[str, Any]:
+SnapshotKeys = bytes | str | Sequence[bytes | str]
+_MIN_KEY_BYTES = 32
+
+
+def _snapshot_keys(keys: SnapshotKeys | None) -> list[bytes]:
+    if keys is None:
+        return []
+    listed = [keys] if isinstance(keys, bytes | str) else list(keys)
+    encoded = [k.encode() if isinstance(k, str) else k for k in listed]
+    if not encoded or any(not isinstance(k, bytes) or len(k) < _MIN_KEY_BYTES for k in encoded):
+        raise IsolationConfigError(
+            f"snapshot keys must be at least {_MIN_KEY_BYTES} bytes",
+            hint="generate one with secrets.token_bytes(32) and keep it out of the code",
+        )
+    return encoded
+
+
+def _snapshot_mac(key: bytes, tenant_id: str) -> str:
+    message = f"asgi-tenancy snapshot v{SNAPSHOT_VERSION}:{tenant_id}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def capture(*, key: bytes | str | None = None) -> dict[str, Any]:
     """A JSON-serialisable snapshot of the current tenant scope, for a background job.
 
     Only the identifier travels: ``restore`` loads the tenant again, so a job never runs as a
-    tenant that was suspended or deleted since. Outside a tenant scope it raises.
+    tenant that was suspended or deleted since. Outside a tenant scope it raises. With ``key``
+    the snapshot carries an HMAC-SHA256 of the tenant, so a queue that can be written to cannot
+    redirect a job to another tenant: ``restore(..., keys=...)`` checks it.
     """
-    return {"version": SNAPSHOT_VERSION, "tenant_id": current_tenant().id}
+    tenant_id = current_tenant().id
+    snapshot: dict[str, Any] = {"version": SNAPSHOT_VERSION, "tenant_id": tenant_id}
+    if key is not None:
+        snapshot["mac"] = _snapshot_mac(_snapshot_keys(key)[0], tenant_id)
+    return snapshot
 
 
-def _snapshot_tenant_id(snapshot: object) -> str:
+def _snapshot_tenant_id(snapshot: object, keys: list[bytes]) -> str:
+    fields = {"version", "tenant_id", "mac"} if keys else {"version", "tenant_id"}
     if (
         not isinstance(snapshot, Mapping)
         or snapshot.get("version") != SNAPSHOT_VERSION
-        or set(snapshot) != {"version", "tenant_id"}
+        or set(snapshot) != fields
     ):
-        raise TenantContextError("not a tenant context snapshot")
-    return validate_tenant_id(snapshot["tenant_id"])
+        if isinstance(snapshot, Mapping) and not keys and "mac" in snapshot:
+            raise TenantContextError(
+                "a signed snapshot needs its keys to be restored", hint="restore(..., keys=...)"
+            )
+        raise TenantContextError("not a tenant context snapshot (or not signed)")
+    try:
+        tenant_id = validate_tenant_id(snapshot["tenant_id"])
+    except InvalidTenantIdentifier:
+        raise TenantContextError("not a tenant context snapshot") from None
+    if keys:
+        mac = snapshot["mac"]
+        if not isinstance(mac, str) or not any(
+            hmac.compare_digest(mac, _snapshot_mac(key, tenant_id)) for key in keys
+        ):
+            raise TenantContextError("the snapshot's signature does not verify")
+    return tenant_id
 
 
 @asynccontextmanager
-async def restore(snapshot: Mapping[str, Any], store: TenantStore) -> AsyncIterator[Tenant]:
+async def restore(
+    snapshot: Mapping[str, Any], store: TenantStore, *, keys: SnapshotKeys | None = None
+) -> AsyncIterator[Tenant]:
     """Re-open the scope a snapshot was captured in, after loading the tenant from ``store``.
 
-    A tenant that no longer exists or is suspended raises ``TenantNotFound``.
+    A tenant that no longer exists or is suspended raises ``TenantNotFound``. With ``keys``
+    (the current key first, the previous one during a rotation) only a snapshot signed by one
+    of them is restored; an unsigned or edited one raises ``TenantContextError``.
     """
     from .store import load_tenant
 
-    tenant = await load_tenant(store, _snapshot_tenant_id(snapshot))
+    tenant = await load_tenant(store, _snapshot_tenant_id(snapshot, _snapshot_keys(keys)))
     async with tenant_scope(tenant):
         yield tenant
 

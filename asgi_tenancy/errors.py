@@ -9,8 +9,10 @@ identifier echoed back would let a caller probe which tenants exist.
     ├── InvalidTenantIdentifier       400  malformed identifier (header, host, path, claim)
     ├── TenantConflict                400  two resolvers named different tenants
     ├── UnsafeQuery                   400  the SQL guard refused a query (carries ``reason``)
+    ├── ConfirmationRequired          400  a destructive operation called without confirm
     ├── InvalidToken                  401  a JWT that fails verification
     ├── TenantNotFound                404  unknown, suspended or not a member: one answer
+    ├── TenantExists                  409  provisioning: the id, schema, role or database exists
     ├── TenancyUnavailable            503  the tenant cannot be served right now
     │   ├── TenantStoreUnavailable    503  the store raised or timed out
     │   │   └── TenantStoreContractError   the store answered with a malformed record
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "ConfirmationRequired",
     "InvalidTenantIdentifier",
     "InvalidToken",
     "IsolationConfigError",
@@ -33,6 +36,7 @@ __all__ = [
     "TenantCapacityExceeded",
     "TenantConflict",
     "TenantContextError",
+    "TenantExists",
     "TenantMigrating",
     "TenantNotFound",
     "TenantStoreContractError",
@@ -97,6 +101,14 @@ class UnsafeQuery(TenancyError):
         super().__init__(message or f"query refused: {reason}", hint=hint)
 
 
+class ConfirmationRequired(TenancyError):
+    """A destructive operation (dropping a tenant) was called without an explicit confirmation."""
+
+    code = "confirmation_required"
+    status_code = 400
+    title = "Confirmation required"
+
+
 class InvalidToken(TenancyError):
     """A bearer token failed verification (signature, expiry, audience, issuer or claim)."""
 
@@ -111,6 +123,14 @@ class TenantNotFound(TenancyError):
     code = "tenant_not_found"
     status_code = 404
     title = "Tenant not found"
+
+
+class TenantExists(TenancyError):
+    """Provisioning found the tenant id registered, or its schema, role or database present."""
+
+    code = "tenant_exists"
+    status_code = 409
+    title = "Tenant already exists"
 
 
 class TenancyUnavailable(TenancyError):

@@ -44,7 +44,7 @@ class InMemoryTenantStore:
         if not isinstance(tenant, Tenant):
             raise TypeError("InMemoryTenantStore holds Tenant values")
         if tenant.id in self._tenants:
-            raise ValueError("duplicate tenant id")
+            raise TenantStoreContractError("duplicate tenant id")
         self._tenants[tenant.id] = tenant
 
     def put(self, tenant: Tenant) -> None:

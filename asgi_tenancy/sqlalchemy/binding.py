@@ -5,6 +5,11 @@
 - At the start of every transaction of such a session (the first, and each one after a commit or
   a rollback) ``after_begin`` hands the strategy's binding SQL to the connection: on asyncpg it
   travels inside the BEGIN message (no extra round trip); on other drivers it is executed.
+- Every object a session loads or persists is stamped with the session's tenant; attaching it
+  to (or merging it into) a session of another tenant raises, so an identity-map object of A can
+  never be flushed into B's rows (under schema isolation their primary keys collide).
+- Rows of a streamed result (a server-side cursor) are fetched from the server as they are read:
+  each fetch checks the scope too, so a stream read after its scope ended raises.
 - A per-statement guard compares the tenant the connection's transaction was bound to with the
   current scope, and refuses the statement when they differ (defence in depth).
 - When a connection goes back to the pool, whatever binding it carried is forgotten. A
@@ -19,8 +24,9 @@ import re
 import weakref
 from typing import Any
 
-from sqlalchemy import event, exc
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import event, exc, inspect
+from sqlalchemy.engine import Connection, CursorResult, Engine
+from sqlalchemy.engine.cursor import _DEFAULT_FETCH, BufferedRowCursorFetchStrategy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -91,9 +97,10 @@ class TenantBoundSession(Session):
         self._tenancy_check()
         super().delete(*args, **kwargs)
 
-    def merge(self, *args: Any, **kwargs: Any) -> Any:
+    def merge(self, instance: Any, *args: Any, **kwargs: Any) -> Any:
         self._tenancy_check()
-        return super().merge(*args, **kwargs)
+        _check_owner(self, instance)
+        return super().merge(instance, *args, **kwargs)
 
     def refresh(self, *args: Any, **kwargs: Any) -> None:
         self._tenancy_check()
@@ -106,6 +113,21 @@ class TenantBoundSession(Session):
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
         self._tenancy_check()
         return super().connection(*args, **kwargs)
+
+
+def _check_owner(session: Session, instance: Any) -> None:
+    owner = inspect(instance).info.get(TENANT_KEY)
+    if owner is not None and owner != session.info.get(TENANT_KEY):
+        raise SessionTenantMismatch("this object was loaded for another tenant")
+
+
+@event.listens_for(TenantBoundSession, "loaded_as_persistent")
+@event.listens_for(TenantBoundSession, "pending_to_persistent")
+def _stamp_owner(session: Session, instance: Any) -> None:
+    inspect(instance).info[TENANT_KEY] = session.info[TENANT_KEY]
+
+
+event.listen(TenantBoundSession, "before_attach", _check_owner)
 
 
 @event.listens_for(TenantBoundSession, "after_begin")
@@ -161,6 +183,43 @@ def _guard_statement(
         conn.info[DIRTY_KEY] = True
 
 
+class _ScopedRowFetch(BufferedRowCursorFetchStrategy):
+    """The fetch strategy of a streamed result on a bound connection: every fetch checks."""
+
+    __slots__ = ("_tenant_id",)
+
+    def __init__(self, cursor: Any, options: Any, tenant_id: str) -> None:
+        super().__init__(cursor, options)
+        self._tenant_id = tenant_id
+
+    def fetchone(self, result: CursorResult[Any], cursor: Any, hard_close: bool = False) -> Any:
+        _check_scope(self._tenant_id)
+        return super().fetchone(result, cursor, hard_close)
+
+    def fetchmany(self, result: CursorResult[Any], cursor: Any, size: int | None = None) -> Any:
+        _check_scope(self._tenant_id)
+        return super().fetchmany(result, cursor, size)
+
+    def fetchall(self, result: CursorResult[Any], cursor: Any) -> Any:
+        _check_scope(self._tenant_id)
+        return super().fetchall(result, cursor)
+
+
+def _scope_streams(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    if context is None or not getattr(context, "_is_server_side", False):
+        return  # buffered results: every row was fetched inside the scope
+    bound = conn.info.get(BOUND_KEY)
+    if bound is not None and context.cursor_fetch_strategy is _DEFAULT_FETCH:
+        context.cursor_fetch_strategy = _ScopedRowFetch(cursor, context.execution_options, bound)
+
+
 def _discard_dirty(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
     if record.info.pop(DIRTY_KEY, False):
         # The pool closes this connection and checks out a fresh one in its place.
@@ -193,6 +252,7 @@ def install_engine_hooks(engine: AsyncEngine) -> None:
     if sync_engine in _hooked:
         return
     event.listen(sync_engine, "before_cursor_execute", _guard_statement)
+    event.listen(sync_engine, "after_cursor_execute", _scope_streams)
     event.listen(sync_engine.pool, "checkin", _forget_binding)
     event.listen(sync_engine.pool, "checkout", _discard_dirty)
     if sync_engine.dialect.driver == "asyncpg":

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from ..context import current_tenant, in_central_scope
-from ..errors import IsolationConfigError, TenantContextError
+from ..errors import IsolationConfigError, TenancyError, TenancyUnavailable, TenantContextError
 from .binding import (
     BINDING_KEY,
     SIGNER_KEY,
@@ -79,7 +80,20 @@ class TenantDatabase:
     async def validate(self) -> None:
         """Check the live database for this strategy; sessions stay refused until it passes."""
         self._validated = False
-        await self.strategy.validate(self)
+        try:
+            await self.strategy.validate(self)
+        except TenancyError:
+            raise
+        except (OSError, TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            # The cause (kept for the log) may name the host; the message never does.
+            raise TenancyUnavailable(
+                "the database could not be reached to validate isolation"
+            ) from exc
+        except sa_exc.DBAPIError as exc:
+            raise IsolationConfigError(
+                "validation could not read the catalog",
+                hint=f"the database answered {type(exc.orig).__name__}; check the role's grants",
+            ) from exc
         self._validated = True
 
     @asynccontextmanager

@@ -112,6 +112,29 @@ def _hidden_criteria(element: Any) -> list[Any]:
     return found
 
 
+SHAPE_CACHE_SIZE = 1_000  # distinct statement shapes; cleared when full (a few hundred KB)
+_shapes: dict[Any, _Shape] = {}
+
+
+def _cached_shape(statement: object) -> _Shape:
+    """``_shape`` once per statement shape, keyed like SQLAlchemy's compiled cache.
+
+    Two statements with one cache key compile to the same SQL text, so they touch the same
+    tables and fragments; the key is memoized on the statement, where compilation reuses it.
+    Statements SQLAlchemy cannot key (``None``) are walked every time.
+    """
+    generate = getattr(statement, "_generate_cache_key", None)
+    cache_key = generate() if generate is not None else None
+    if cache_key is None:
+        return _shape(statement)
+    shape = _shapes.get(cache_key.key)
+    if shape is None:
+        if len(_shapes) >= SHAPE_CACHE_SIZE:
+            _shapes.clear()
+        shape = _shapes[cache_key.key] = _shape(statement)
+    return shape
+
+
 def _shape(statement: object) -> _Shape:
     shape = _Shape()
     if isinstance(statement, visitors.ExternallyTraversible):
@@ -185,7 +208,7 @@ class _ScopedCriteria(TenantCriteria):
         self, state: ORMExecuteState, tenant_id: str, extra: Iterable[Mapper[Any]] = ()
     ) -> None:
         allowed = bool(state.execution_options.get(ALLOW_UNSCOPED))
-        shape = _shape(state.statement)
+        shape = _cached_shape(state.statement)
         if state.is_update and state.is_executemany:
             raise UnsafeQuery(
                 "bulk_update_by_primary_key",

@@ -247,6 +247,48 @@ $tenancy$"""
             findings += _check_unclassified(self.metadata, self.tenant_column, self.shared_tables)
         for table in tenant_tables:
             findings += await self._check_table(conn, table)
+        findings += await self._check_unregistered(conn, {_qualified(t) for t in tenant_tables})
+        return findings
+
+    async def _check_unregistered(self, conn: AsyncConnection, known: set[str]) -> list[Finding]:
+        """Tables the app role can reach that have the tenant column but no forced RLS.
+
+        The application's metadata cannot name a table a migration forgot, or one created by
+        hand; the catalog can. Tables the role holds no privilege on are out of its reach, and
+        tables declared in ``shared_tables`` are the application's explicit choice.
+        """
+        rows = await conn.execute(
+            text(
+                "SELECT n.nspname AS schema, c.relname AS name FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = :column"
+                "  AND a.attnum > 0 AND NOT a.attisdropped"
+                " WHERE c.relkind IN ('r', 'p')"
+                " AND NOT (c.relrowsecurity AND c.relforcerowsecurity)"
+                " AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'"
+                " AND has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')"
+                " AND c.oid NOT IN (SELECT to_regclass(k) FROM unnest(CAST(:known AS text[])) k"
+                "  WHERE to_regclass(k) IS NOT NULL)"
+                " ORDER BY 1, 2"
+            ),
+            {"column": self.tenant_column, "known": sorted(known)},
+        )
+        findings = []
+        for row in rows:
+            name = f"{row.schema}.{row.name}"
+            if row.name in self.shared_tables or name in self.shared_tables:
+                continue  # declared shared: the application's explicit choice
+            quoted = f"{_quote(row.schema)}.{_quote(row.name)}"
+            findings.append(
+                Finding(
+                    "R015",
+                    name,
+                    f"the app role can reach this table with a {self.tenant_column} column and"
+                    " no forced row-level security; it is not in the application's metadata",
+                    f"add it to the metadata and install its policy, or REVOKE ALL ON {quoted}"
+                    f" FROM the application role",
+                )
+            )
         return findings
 
     async def _check_function(self, conn: AsyncConnection) -> list[Finding]:
@@ -364,6 +406,17 @@ $tenancy$"""
             if policy.polcmd in ("*", "a", "w") and not policy.has_check:
                 findings.append(
                     Finding("R007", name, f"policy {policy.polname} has no WITH CHECK", fix)
+                )
+            if policy.polpermissive and policy.polname != POLICY_NAME:
+                # Permissive policies are ORed: any other one can only widen what a tenant sees.
+                findings.append(
+                    Finding(
+                        "R016",
+                        name,
+                        f"permissive policy {policy.polname} widens the tenant policy",
+                        f"DROP POLICY {_quote(policy.polname)} ON {name}, or re-create it"
+                        " AS RESTRICTIVE",
+                    )
                 )
         return findings
 

@@ -76,11 +76,16 @@ class SqlAlchemyTenantStore:
         validate_tenant_id(tenant_id)
         try:
             async with self.engine.connect() as conn:
-                row = (await conn.execute(self._select, {"tenant_id": tenant_id})).first()
+                rows = (await conn.execute(self._select, {"tenant_id": tenant_id})).all()
         except Exception as exc:  # driver, network and pool errors alike: the store is down
             raise TenantStoreUnavailable() from exc
-        if row is None:
+        if not rows:
             return None
+        if len(rows) > 1:  # a table without a unique id, or a collation that folds ids
+            raise TenantStoreContractError("tenants table holds the id more than once")
+        row = rows[0]
+        if row.id != tenant_id:  # e.g. a CHAR column padding the id, or a case-folding type
+            raise TenantStoreContractError("tenants table answered with another id")
         return _tenant_from_row(row.id, row.status, row.attributes)
 
     async def put(self, tenant: Tenant) -> None:

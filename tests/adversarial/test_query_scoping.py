@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import (
     aliased,
     joinedload,
+    make_transient_to_detached,
     selectinload,
     subqueryload,
     with_loader_criteria,
@@ -58,7 +60,15 @@ from asgi_tenancy import (
     tenant_scope,
 )
 from asgi_tenancy.sqlalchemy import QueryScoping, TenantDatabase, allow_unscoped
-from tests.adversarial.models import ROWS_PER_TENANT, Base, Project, Task, seed_rows
+from tests.adversarial.models import (
+    ROWS_PER_TENANT,
+    Account,
+    Base,
+    Note,
+    Project,
+    Task,
+    seed_rows,
+)
 
 ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
 PROJECTS = Base.metadata.tables["projects"]
@@ -377,13 +387,23 @@ async def test_an_object_of_another_tenant_cannot_be_written(
     assert theirs is not None
     assert task is not None
     async with tenant_scope(ACME), db.session() as s:
-        merged = await s.merge(theirs, load=False)
+        with pytest.raises(SessionTenantMismatch):  # stamped as globex's when loaded
+            await s.merge(theirs, load=False)
+        with pytest.raises(SessionTenantMismatch):
+            s.add(task)
+    # Built by hand, never loaded, so not stamped: the flush refuses it instead.
+    forged_project = Project(tenant_id="globex", id=3, name="globex-project-3")
+    forged_task = Task(tenant_id="globex", id=3, project_id=4, title="globex-task-3")
+    make_transient_to_detached(forged_project)
+    make_transient_to_detached(forged_task)
+    async with tenant_scope(ACME), db.session() as s:
+        merged = await s.merge(forged_project, load=False)
         merged.name = "pwned"
         with pytest.raises(TenantContextError):
             await s.flush()
     async with tenant_scope(ACME), db.session() as s:
-        s.add(task)
-        await s.delete(task)
+        s.add(forged_task)
+        await s.delete(forged_task)
         with pytest.raises(TenantContextError):
             await s.flush()
     assert await _unchanged(admin)
@@ -737,3 +757,91 @@ async def test_the_leak_check_catches_a_leaky_configuration(
         await s.commit()
     await leaky.dispose()
     assert not await _unchanged(admin)  # raw writes
+
+
+# -- suite II, cases 4, 7, 9: objects, keys across tenants, results after the scope -------
+
+
+async def test_identity_map_objects_never_cross_tenants(
+    db: TenantDatabase, admin: AsyncEngine
+) -> None:
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            a = await stack.enter_async_context(db.session())
+            mine = await a.get(Project, ("acme", 1))
+            assert mine is not None
+            await a.commit()
+        async with tenant_scope(GLOBEX), db.session() as b:
+            assert await b.get(Project, ("acme", 1)) is None
+            with pytest.raises(SessionTenantMismatch):
+                await a.refresh(mine)
+            with pytest.raises(SessionTenantMismatch):
+                await a.run_sync(lambda _: list(mine.tasks))
+            await a.close()
+            mine.name = "written-from-globex"
+            with pytest.raises(SessionTenantMismatch):
+                b.add(mine)
+            with pytest.raises(SessionTenantMismatch):
+                await b.merge(mine)
+            await b.commit()
+    assert await _unchanged(admin)
+
+
+async def test_a_key_across_tenants_is_excluded_from_every_load(db: TenantDatabase) -> None:
+    loads = [None, selectinload(Account.notes), joinedload(Account.notes)]
+    loads.append(subqueryload(Account.notes))
+    async with tenant_scope(ACME), db.session() as s:
+        for option in loads:
+            statement = select(Account).where(Account.id == 1)
+            if option is not None:
+                statement = statement.options(option)
+            account = (await s.scalars(statement)).unique().one()
+            notes = await s.run_sync(lambda _, a=account: list(a.notes))
+            assert [n.body for n in notes] == ["acme-note-own"], option
+            s.expunge_all()
+        account = await s.get_one(Account, 1)
+        parented = (await s.scalars(select(Note).where(with_parent(account, Account.notes)))).all()
+        assert [n.body for n in parented] == ["acme-note-own"]
+    async with tenant_scope(GLOBEX), db.session() as s:
+        across = await s.get_one(Note, 12)  # globex's own note, on acme's account
+        assert await s.run_sync(lambda _: across.account) is None  # the parent is not globex's
+
+
+async def test_cascaded_children_are_stamped(db: TenantDatabase, admin: AsyncEngine) -> None:
+    async with tenant_scope(GLOBEX), db.session() as s:
+        s.add(Account(id=900, name="globex-account-900", notes=[Note(id=900, body="globex-n")]))
+        await s.flush()
+        (await s.get_one(Account, 900)).notes.append(Note(id=901, body="globex-n"))
+        await s.commit()
+    notes = Base.metadata.tables["notes"]
+    async with admin.connect() as conn:
+        owners = (await conn.scalars(select(notes.c.tenant_id).where(notes.c.id >= 900))).all()
+    assert owners == ["globex", "globex"]
+
+
+async def test_results_and_streams_used_after_the_scope_raise(db: TenantDatabase) -> None:
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            s = await stack.enter_async_context(db.session())
+            stream = await s.stream_scalars(select(Project.name).execution_options(yield_per=2))
+            first = await stream.fetchmany(2)
+            project = await s.get_one(Project, ("acme", 1))
+        assert len(first) == 2
+        with pytest.raises(SessionTenantMismatch):
+            await stream.fetchmany(2)
+        with pytest.raises(SessionTenantMismatch):
+            await s.run_sync(lambda _: list(project.tasks))
+
+
+def test_the_shape_cache_never_lends_a_safe_shape_to_a_smuggled_statement() -> None:
+    from asgi_tenancy.sqlalchemy.query_scoping import _cached_shape
+
+    pairs = [
+        (Project.name.op("~")("x"), Project.name.op("OR")("x")),
+        (Project.id == 1, literal_column("1 OR 1") == 1),
+        (Project.id == 2, text("1=1 OR 1=1")),
+    ]
+    for benign, smuggled in pairs:
+        assert not _cached_shape(select(Project).where(benign)).fragment
+        assert not _cached_shape(select(Project).where(benign)).fragment  # from the cache
+        assert _cached_shape(select(Project).where(smuggled)).fragment

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from contextlib import AsyncExitStack
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, delete, func, select, text, update
+from sqlalchemy import Column, MetaData, String, Table, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import joinedload, selectinload, subqueryload, with_parent
 
 from asgi_tenancy import (
     IsolationConfigError,
     SessionTenantMismatch,
+    TenancyUnavailable,
     Tenant,
     TenantContextError,
     central_scope,
     tenant_scope,
 )
+from asgi_tenancy._asgi import problem_response
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
-from tests.adversarial.leaks import assert_no_foreign_rows, foreign_rows
-from tests.adversarial.models import ROWS_PER_TENANT, Base, Project, Task
+from tests.adversarial.leaks import assert_no_foreign_rows, assert_no_foreign_writes, foreign_rows
+from tests.adversarial.models import ROWS_PER_TENANT, Account, Base, Note, Project, Task
 from tests.conftest import PgDatabase
 
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
@@ -320,9 +323,18 @@ async def test_concurrent_tasks_across_three_tenants_see_only_their_rows(
 async def test_the_leak_check_catches_a_leaky_configuration(
     rls_database: PgDatabase, admin_engine: AsyncEngine, rls_strategy: RowLevelSecurity
 ) -> None:
-    """A table without a policy is what a forgotten migration looks like: the check must fire."""
+    """A table without a policy is what a forgotten migration looks like: the check must fire.
+
+    Its owner column is not named ``tenant_id``, so ``validate()`` (R015) cannot spot it either.
+    """
     async with admin_engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE IF NOT EXISTS leaky AS SELECT * FROM projects"))
+        await conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS leaky AS"
+                " SELECT tenant_id AS owner_id, id, name FROM projects"
+            )
+        )
+        await conn.execute(text("GRANT SELECT, UPDATE ON leaky TO tenancy_app"))
     database = TenantDatabase(rls_database.app_url, rls_strategy)
     await database.validate()  # leaky is not in the metadata: validate cannot know it
     try:
@@ -333,6 +345,19 @@ async def test_the_leak_check_catches_a_leaky_configuration(
     assert foreign_rows(rows, "acme")
     with pytest.raises(AssertionError):
         assert_no_foreign_rows(rows, "acme")
+    # Writes through raw SQL: the admin read-back must see globex's rows changed by acme.
+    database = TenantDatabase(rls_database.app_url, rls_strategy)
+    await database.validate()
+    try:
+        async with tenant_scope(ACME), database.session() as s:
+            await s.execute(text("UPDATE leaky SET name = 'acme-wrote' WHERE id = 1"))
+            await s.commit()
+    finally:
+        await database.dispose()
+    with pytest.raises(AssertionError):
+        await assert_no_foreign_writes(
+            admin_engine, "leaky", "acme", "acme-wrote", column="owner_id"
+        )
     async with admin_engine.begin() as conn:
         await conn.execute(text("DROP TABLE leaky"))
 
@@ -341,7 +366,7 @@ async def test_validate_refuses_each_unsafe_set_up(
     rls_database: PgDatabase, admin_engine: AsyncEngine, rls_strategy: RowLevelSecurity
 ) -> None:
     meta = MetaData()
-    for name in ("bad_owned", "bad_unforced", "bad_nocheck", "bad_nopolicy"):
+    for name in ("bad_owned", "bad_unforced", "bad_nocheck", "bad_nopolicy", "bad_permissive"):
         Table(name, meta, Column("tenant_id", String, primary_key=True))
     strategy = RowLevelSecurity(metadata=meta)
     async with admin_engine.begin() as conn:
@@ -367,6 +392,9 @@ async def test_validate_refuses_each_unsafe_set_up(
             )
         )
         await conn.execute(text("DROP POLICY tenancy_isolation ON bad_nopolicy"))
+        await conn.execute(text("CREATE POLICY open ON bad_permissive USING (true)"))
+        # Not in the metadata: a table a migration created by hand, reachable, unprotected.
+        await conn.execute(text("CREATE TABLE bad_unlisted (tenant_id text, body text)"))
     database = TenantDatabase(rls_database.app_url, strategy)
     with pytest.raises(IsolationConfigError) as info:
         await database.validate()
@@ -377,6 +405,8 @@ async def test_validate_refuses_each_unsafe_set_up(
         ("R005", "bad_unforced"),
         ("R007", "bad_nocheck"),
         ("R006", "bad_nopolicy"),
+        ("R016", "bad_permissive"),
+        ("R015", "public.bad_unlisted"),
     ):
         assert f"[{code}] {table}" in message
     bypass_url = make_url(rls_database.app_url).set(username="tenancy_bypass", password=None)
@@ -386,6 +416,7 @@ async def test_validate_refuses_each_unsafe_set_up(
     await bypass.dispose()
     async with admin_engine.begin() as conn:
         await conn.run_sync(meta.drop_all)
+        await conn.execute(text("DROP TABLE bad_unlisted"))
 
 
 async def test_unsigned_binding_can_be_rewritten_by_raw_sql(db: TenantDatabase) -> None:
@@ -494,3 +525,211 @@ async def test_upsert_and_returning_touch_only_own_rows(
     assert set(deleted) == {"acme"}
     pwned = "SELECT count(*) FROM projects WHERE name = 'pwned'"
     assert await _admin_count(admin_engine, pwned) == 0
+
+
+# -- suite II, cases 4, 7, 9, 10: objects, keys across tenants, results and nesting -------
+
+
+async def test_identity_map_objects_never_cross_tenants(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            a = await stack.enter_async_context(db.session())
+            mine = await a.get(Project, ("acme", 1))
+            assert mine is not None
+            await a.commit()  # A's session stays open and holds the object, not the connection
+        async with tenant_scope(GLOBEX), db.session() as b:
+            assert await b.get(Project, ("acme", 1)) is None  # not in B's map, not in B's rows
+            theirs = await b.get(Project, ("globex", 1))
+            assert theirs is not None
+            assert theirs is not mine
+            with pytest.raises(SessionTenantMismatch):
+                await a.refresh(mine)  # A's session, B's scope
+            with pytest.raises(SessionTenantMismatch):
+                await a.run_sync(lambda _: list(mine.tasks))  # a lazy load through A's session
+            await a.close()
+            mine.name = "written-from-globex"
+            with pytest.raises(SessionTenantMismatch):
+                b.add(mine)  # A's detached object into B's session
+            with pytest.raises(SessionTenantMismatch):
+                await b.merge(mine)
+            await b.commit()
+    changed = "SELECT count(*) FROM projects WHERE name = 'written-from-globex'"
+    assert await _admin_count(admin_engine, changed) == 0
+
+
+async def test_a_key_across_tenants_is_excluded_from_every_load(db: TenantDatabase) -> None:
+    loads = [None, selectinload(Account.notes), joinedload(Account.notes)]
+    loads.append(subqueryload(Account.notes))
+    async with tenant_scope(ACME), db.session() as s:
+        for option in loads:
+            statement = (
+                select(Account).where(Account.id == 1).execution_options(populate_existing=True)
+            )
+            if option is not None:
+                statement = statement.options(option)
+            account = (await s.scalars(statement)).unique().one()
+            notes = await s.run_sync(lambda _, a=account: list(a.notes))
+            assert [n.body for n in notes] == ["acme-note-own"], option
+            s.expunge_all()
+        account = await s.get_one(Account, 1)
+        parented = (await s.scalars(select(Note).where(with_parent(account, Account.notes)))).all()
+        raw = (await s.execute(text("SELECT body FROM notes WHERE account_id = 1"))).scalars()
+        assert [n.body for n in parented] == ["acme-note-own"]
+        assert list(raw) == ["acme-note-own"]
+
+
+async def test_cascaded_children_are_stamped(db: TenantDatabase, admin_engine: AsyncEngine) -> None:
+    async with tenant_scope(GLOBEX), db.session() as s:
+        s.add(Account(id=900, name="globex-account-900", notes=[Note(id=900, body="globex-n")]))
+        await s.flush()
+        (await s.get_one(Account, 900)).notes.append(Note(id=901, body="globex-n"))
+        await s.commit()
+    owners = "SELECT count(*) FROM notes WHERE id IN (900, 901) AND tenant_id = 'globex'"
+    assert await _admin_count(admin_engine, owners) == 2
+    async with tenant_scope(GLOBEX), db.session() as s:
+        await s.delete(await s.get_one(Account, 900))  # cascades to the notes
+        await s.commit()
+    assert await _admin_count(admin_engine, "SELECT count(*) FROM notes WHERE id >= 900") == 0
+
+
+async def test_results_and_streams_used_after_the_scope_raise(db: TenantDatabase) -> None:
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            s = await stack.enter_async_context(db.session())
+            stream = await s.stream_scalars(select(Project.name).execution_options(yield_per=2))
+            first = await stream.fetchmany(2)
+            project = await s.get_one(Project, ("acme", 1))
+        assert len(first) == 2
+        with pytest.raises(SessionTenantMismatch):
+            await stream.fetchmany(2)  # more rows of A's, fetched outside A's scope
+        with pytest.raises(SessionTenantMismatch):
+            await s.run_sync(lambda _: list(project.tasks))
+        with pytest.raises(SessionTenantMismatch):
+            await s.execute(select(Project))
+
+
+async def test_nested_scopes_never_reuse_the_open_transaction(db: TenantDatabase) -> None:
+    async with tenant_scope(ACME), db.session() as s:
+        await s.execute(text("SELECT 1"))  # A's transaction is open on the connection
+        with pytest.raises(TenantContextError):
+            async with tenant_scope(GLOBEX):
+                pass
+        with pytest.raises(TenantContextError), central_scope(reason="nested"):
+            pass
+        async with tenant_scope(ACME):  # the same tenant nests, as a savepoint
+            async with s.begin_nested():
+                await s.execute(text("UPDATE projects SET name = 'nested' WHERE id = 1"))
+                inner = await s.begin_nested()
+                await s.execute(text("UPDATE projects SET name = 'rolled-back' WHERE id = 1"))
+                await inner.rollback()  # ROLLBACK TO SAVEPOINT
+            names = (await s.execute(text("SELECT name FROM projects WHERE id = 1"))).scalars()
+            assert list(names) == ["nested"]
+        await s.rollback()
+        bound = await s.scalar(text("SELECT split_part(current_setting('app.tenant_id'), ':', 1)"))
+        assert bound == "acme"
+
+
+# -- suite II, case 12: the start-up gate ------------------------------------------------
+
+
+async def test_the_start_up_gate_locks_until_validated_and_again_on_failure(
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity, admin_engine: AsyncEngine
+) -> None:
+    database = TenantDatabase(rls_database.app_url, rls_strategy)
+    connects: list[object] = []
+    event.listen(database.engine.sync_engine, "connect", lambda *_: connects.append(1))
+    try:
+        async with tenant_scope(ACME):
+            with pytest.raises(IsolationConfigError, match="not been validated"):
+                async with database.session():
+                    pass  # pragma: no cover
+        assert connects == []  # refused before any connection
+        await database.validate()
+        async with tenant_scope(ACME), database.session() as s:
+            assert await s.scalar(text("SELECT count(*) FROM projects")) == ROWS_PER_TENANT
+        async with admin_engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE projects NO FORCE ROW LEVEL SECURITY"))
+        try:
+            with pytest.raises(IsolationConfigError) as failed:
+                await database.validate()
+            assert not database.validated
+            async with tenant_scope(ACME):
+                with pytest.raises(IsolationConfigError):
+                    async with database.session():
+                        pass  # pragma: no cover
+        finally:
+            async with admin_engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE projects FORCE ROW LEVEL SECURITY"))
+        body = problem_response(failed.value).body.decode()
+        assert "projects" in str(failed.value)  # the operator's log names the table...
+        assert "projects" not in body  # ...a client never sees the catalog
+        assert "tenancy_app" not in body
+    finally:
+        await database.dispose()
+
+
+async def test_an_unreachable_database_fails_validation_without_its_dsn(
+    rls_strategy: RowLevelSecurity,
+) -> None:
+    database = TenantDatabase(
+        "postgresql+asyncpg://tenancy_app:s3cret-pw@127.0.0.1:1/tenancy_db", rls_strategy
+    )
+    try:
+        with pytest.raises(TenancyUnavailable) as failed:
+            await database.validate()
+        assert not database.validated
+        for text_ in (
+            str(failed.value),
+            repr(database),
+            problem_response(failed.value).body.decode(),
+        ):
+            assert "s3cret" not in text_
+            assert "127.0.0.1" not in text_ or text_ == repr(database)
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.parametrize(
+    ("attack", "refusal"),
+    [
+        ("SET LOCAL ROLE {owner}", "permission denied"),  # become the owner: not a member
+        ("SELECT set_config('role', '{owner}', true)", "permission denied"),
+        ("SET LOCAL search_path TO pg_catalog, public", None),  # RLS ignores the path
+        ("RESET ALL", "no tenant is bound"),  # drops the binding itself
+        ("SELECT set_config('app.tenant_id', '', true)", "no tenant is bound"),
+    ],
+)
+async def test_raw_sql_that_changes_role_path_or_settings_never_widens(
+    db: TenantDatabase, admin_engine: AsyncEngine, attack: str, refusal: str | None
+) -> None:
+    async with admin_engine.connect() as conn:
+        owner = await conn.scalar(
+            text("SELECT tableowner FROM pg_tables WHERE tablename = 'projects'")
+        )
+    async with tenant_scope(ACME), db.session() as s:
+        if refusal is not None:
+            with pytest.raises(DBAPIError, match=refusal):  # noqa: PT012 (either step may refuse)
+                await s.execute(text(attack.format(owner=owner)))
+                await s.execute(text("SELECT name FROM projects"))
+            return
+        await s.execute(text(attack.format(owner=owner)))
+        rows = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
+    assert len(rows) == ROWS_PER_TENANT
+    assert_no_foreign_rows(rows, "acme")
+
+
+async def test_going_around_the_library_inside_a_scope_reaches_nothing(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    async with tenant_scope(ACME):
+        async with AsyncSession(db.engine) as plain:  # a second session, without the binding
+            with pytest.raises(DBAPIError, match="no tenant is bound"):
+                await plain.execute(select(Project))
+        async with db.engine.connect() as conn:  # the base engine itself
+            with pytest.raises(DBAPIError, match="no tenant is bound"):
+                await conn.execute(
+                    text("INSERT INTO projects (tenant_id, id, name) VALUES ('acme', 500, 'x')")
+                )
+    assert await _admin_count(admin_engine, "SELECT count(*) FROM projects WHERE id = 500") == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DBAPIError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -645,3 +646,50 @@ async def test_concurrent_cold_requests_read_the_catalogue_once(
         await database.dispose()
     assert counts == [ROWS] * 100
     assert len(reads) == 1
+
+
+async def test_identity_map_objects_never_cross_tenants(
+    db: TenantDatabase, admin_engine: AsyncEngine
+) -> None:
+    # Primary keys collide across schemas, so A's Project 1 and B's share one identity key.
+    async with AsyncExitStack() as stack:
+        async with tenant_scope(ACME):
+            a = await stack.enter_async_context(db.session())
+            mine = await a.get(Project, 1)
+            assert mine is not None
+            await a.commit()
+        async with tenant_scope(GLOBEX), db.session() as b:
+            theirs = await b.get(Project, 1)
+            assert theirs is not None
+            assert theirs is not mine
+            assert theirs.name == "globex-project-1"
+            with pytest.raises(SessionTenantMismatch):
+                await a.refresh(mine)
+            with pytest.raises(SessionTenantMismatch):
+                await a.run_sync(lambda _: list(mine.tasks))
+            await a.close()
+            b.expunge(theirs)
+            mine.name = "written-from-globex"
+            with pytest.raises(SessionTenantMismatch):
+                b.add(mine)  # would otherwise UPDATE globex's project 1
+            with pytest.raises(SessionTenantMismatch):
+                await b.merge(mine)
+            await b.commit()
+    rows = await _admin_rows(
+        admin_engine,
+        "SELECT count(*) FROM tenant_globex.projects p, tenant_acme.projects q"
+        " WHERE 'written-from-globex' IN (p.name, q.name)",
+    )
+    assert rows == [(0,)]
+
+
+async def test_going_around_the_library_inside_a_scope_reaches_no_tenant_schema(
+    db: TenantDatabase,
+) -> None:
+    async with tenant_scope(ACME):
+        async with AsyncSession(db.engine) as plain:  # a second session, without the binding
+            with pytest.raises(ProgrammingError, match="does not exist"):
+                await plain.execute(select(Project))
+        async with db.engine.connect() as conn:  # the base engine: no tenant on its path
+            with pytest.raises(ProgrammingError, match="does not exist"):
+                await conn.execute(text("SELECT name FROM projects"))

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from asgi_tenancy import (
     CachedTenantStore,
+    InMemoryTenantStore,
     InvalidTenantIdentifier,
     Tenant,
     TenantNotFound,
@@ -116,3 +117,44 @@ def test_the_table_lives_in_a_named_shared_schema() -> None:
     table = tenants_table()
     assert table.schema == "public"
     assert set(table.c.keys()) == {"id", "status", "attributes", "created_at", "updated_at"}
+
+
+async def test_a_loose_tenants_table_is_held_to_the_contract(
+    admin_engine: AsyncEngine, app_engine: AsyncEngine
+) -> None:
+    # A legacy registry: no primary key, a CHAR id column (padded on the way out).
+    async with admin_engine.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS public.legacy_tenants"))
+        await conn.execute(
+            text(
+                "CREATE TABLE public.legacy_tenants (id text, status text NOT NULL DEFAULT"
+                " 'active', attributes jsonb NOT NULL DEFAULT '{}')"
+            )
+        )
+        await conn.execute(
+            text("INSERT INTO public.legacy_tenants (id) VALUES ('acme'), ('acme'), ('')")
+        )
+        await conn.execute(text("GRANT SELECT ON public.legacy_tenants TO tenancy_app"))
+        await conn.execute(text("DROP TABLE IF EXISTS public.padded_tenants"))
+        await conn.execute(
+            text("CREATE TABLE public.padded_tenants (LIKE public.legacy_tenants INCLUDING ALL)")
+        )
+        await conn.execute(text("ALTER TABLE public.padded_tenants ALTER id TYPE char(10)"))
+        await conn.execute(text("INSERT INTO public.padded_tenants (id) VALUES ('globex')"))
+        await conn.execute(text("GRANT SELECT ON public.padded_tenants TO tenancy_app"))
+    legacy = SqlAlchemyTenantStore(app_engine, table=tenants_table(name="legacy_tenants"))
+    padded = SqlAlchemyTenantStore(app_engine, table=tenants_table(name="padded_tenants"))
+    with pytest.raises(TenantStoreContractError, match="more than once"):
+        await legacy.get("acme")  # duplicate ids
+    with pytest.raises(TenantStoreContractError, match="another id"):
+        await padded.get("globex")  # 'globex    ' is not 'globex'
+    with pytest.raises(InvalidTenantIdentifier):
+        await legacy.get("")  # an empty id never reaches SQL
+    for store in (legacy, padded):
+        with pytest.raises(TenantStoreContractError):
+            await load_tenant(CachedTenantStore(store), "acme" if store is legacy else "globex")
+
+
+def test_an_in_memory_store_refuses_duplicate_ids() -> None:
+    with pytest.raises(TenantStoreContractError):
+        InMemoryTenantStore([Tenant("acme"), Tenant("acme")])

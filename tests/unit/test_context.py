@@ -11,6 +11,7 @@ import pytest
 
 from asgi_tenancy import (
     InMemoryTenantStore,
+    IsolationConfigError,
     Tenant,
     TenantContextError,
     TenantNotFound,
@@ -257,3 +258,54 @@ async def test_restore_holds_the_store_to_its_contract() -> None:
         async with restore({"version": 1, "tenant_id": "acme"}, BrokenStore()):
             pass  # pragma: no cover
     assert current_tenant_or_none() is None
+
+
+KEY, OLD_KEY = b"k" * 32, b"o" * 32
+
+
+async def test_a_signed_snapshot_restores_only_as_captured() -> None:
+    store = InMemoryTenantStore([ACME, GLOBEX])
+    async with tenant_scope(ACME):
+        snapshot = json.loads(json.dumps(capture(key=KEY)))
+    async with tenant_scope(GLOBEX):
+        other = capture(key=KEY)
+    async with restore(snapshot, store, keys=KEY) as tenant:
+        assert tenant == ACME
+    edits = [
+        {**snapshot, "tenant_id": "globex"},  # another tenant, the old signature
+        {**snapshot, "tenant_id": "globex", "mac": other["mac"][:-1] + "0"},
+        {**snapshot, "mac": other["mac"]},  # another tenant's signature
+        {**snapshot, "mac": snapshot["mac"].upper()},
+        {"version": 1, "tenant_id": "acme"},  # stripped of its signature
+        {**snapshot, "central": True},  # claims central scope
+        {**snapshot, "tenant_id": None},
+        {**snapshot, "mac": 0},
+    ]
+    for edited in edits:
+        with pytest.raises(TenantContextError):
+            async with restore(edited, store, keys=KEY):
+                pass  # pragma: no cover
+    with pytest.raises(TenantContextError, match="needs its keys"):
+        async with restore(snapshot, store):
+            pass  # pragma: no cover
+    assert current_tenant_or_none() is None
+
+
+async def test_snapshot_keys_rotate_and_must_be_long() -> None:
+    store = InMemoryTenantStore([ACME])
+    async with tenant_scope(ACME):
+        old = capture(key=OLD_KEY)
+        new = capture(key=KEY.decode())
+    for snapshot in (old, new):
+        async with restore(snapshot, store, keys=[KEY, OLD_KEY]) as tenant:
+            assert tenant == ACME
+    with pytest.raises(TenantContextError):
+        async with restore(old, store, keys=[KEY]):  # the rotation is over
+            pass  # pragma: no cover
+    for bad in (b"short", [], [KEY, b""]):
+        with pytest.raises(IsolationConfigError):
+            async with restore(new, store, keys=bad):
+                pass  # pragma: no cover
+    async with tenant_scope(ACME):
+        with pytest.raises(IsolationConfigError):
+            capture(key="too short")
