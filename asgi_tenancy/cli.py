@@ -315,6 +315,11 @@ def _add_migrate_group(commands: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="SECONDS",
         help="fail a tenant whose tables stay locked longer (default: wait)",
     )
+    migrate.add_argument(
+        "--adopt",
+        action="store_true",
+        help="stamp tenants without a version table at head (tables made from metadata)",
+    )
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
     migrate.set_defaults(handler=_migrate)
 
@@ -368,6 +373,7 @@ async def _migrate_async(args: argparse.Namespace, out: TextIO) -> int:
             dry_run=args.dry_run,
             observer=progress,
             lock_timeout=args.lock_timeout,
+            adopt=args.adopt,
         )
         progress.close(report)
     finally:

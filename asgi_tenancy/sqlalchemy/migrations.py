@@ -72,6 +72,7 @@ class MigrationStatus(enum.StrEnum):
     SKIPPED = "skipped"  # already at head: no Alembic run, no registry change
     FAILED = "failed"
     DRY_RUN = "dry-run"  # would migrate; nothing was changed
+    STAMPED = "stamped"  # adopted: tables made from metadata, version set to head, no DDL
     NOT_RUN = "not-run"  # left alone because a canary failed
 
 
@@ -250,6 +251,7 @@ class _Job:
     main_options: tuple[tuple[str, str], ...] = field(default=())
     lock_timeout_ms: int | None = None
     grants: tuple[str, ...] = ()  # run after the revisions, in the same transaction
+    stamp: bool = False  # write the destination as the version, run no revision
 
 
 def _config_for(job: _Job) -> Config:
@@ -274,7 +276,10 @@ def _alembic_upgrade(sync: Connection, config: Config, job: _Job) -> str | None:
         )
     config.attributes[TARGET_KEY] = MigrationTarget(sync, job.tenant_id, job.schema)
     try:
-        command.upgrade(config, job.destination)
+        if job.stamp:
+            command.stamp(config, job.destination)
+        else:
+            command.upgrade(config, job.destination)
     finally:
         del config.attributes[TARGET_KEY]
     for statement in job.grants:
@@ -439,6 +444,7 @@ class _Runner:
         database_url: Callable[[Tenant], URL | str] | None,
         lock_timeout: float | None,
         grant: bool,
+        adopt: bool,
     ) -> None:
         self.provisioner = provisioner
         self.config = config
@@ -448,6 +454,7 @@ class _Runner:
         self.observer = observer
         self.database_url = database_url
         self.grant = grant
+        self.adopt = adopt
         self.lock_timeout_ms = None if lock_timeout is None else max(1, round(lock_timeout * 1000))
         self.admin_url = provisioner.admin_engine.url.render_as_string(hide_password=False)
         self._bound = asyncio.Semaphore(concurrency)
@@ -499,6 +506,8 @@ class _Runner:
         url: str,
         schema: str | None,
         dest: str,
+        *,
+        stamp: bool = False,
     ) -> _Job:
         script_location = self.config.get_main_option("script_location")
         if not script_location:
@@ -519,6 +528,7 @@ class _Runner:
             main_options=options,
             lock_timeout_ms=self.lock_timeout_ms,
             grants=self._grants(tenant, schema) if self.grant else (),
+            stamp=stamp,
         )
 
     # versions
@@ -641,8 +651,9 @@ class _Runner:
             schema = self._schema(tenant)
             url = self._url(tenant)
             current = await self.current(url, schema)
-            job = self._job(tenant, url, schema, self.plan.tenant_head)
-            marked = await self._mark(tenant.id)
+            stamp = self.adopt and current is None
+            job = self._job(tenant, url, schema, self.plan.tenant_head, stamp=stamp)
+            marked = False if stamp else await self._mark(tenant.id)  # a stamp changes no table
         except Exception as exc:
             return self._failed(tenant.id, current, exc, started)
         if self.observer is not None:
@@ -660,7 +671,8 @@ class _Runner:
             return MigrationResult(
                 tenant.id, MigrationStatus.FAILED, current, current, error, elapsed
             )
-        return MigrationResult(tenant.id, MigrationStatus.OK, current, to_revision, None, elapsed)
+        status = MigrationStatus.STAMPED if stamp else MigrationStatus.OK
+        return MigrationResult(tenant.id, status, current, to_revision, None, elapsed)
 
     async def shared(self) -> MigrationResult | None:
         head = self.plan.shared_head
@@ -747,6 +759,7 @@ async def migrate_tenants(
     database_url: Callable[[Tenant], URL | str] | None = None,
     lock_timeout: float | None = None,
     grant: bool = True,
+    adopt: bool = False,
 ) -> MigrationReport:
     """Migrate the shared schema (if it has a ``shared`` branch), then every tenant to head.
 
@@ -759,6 +772,8 @@ async def migrate_tenants(
     the tenant's URL with the admin engine's driver and credentials. ``lock_timeout`` (seconds)
     bounds how long a tenant's migration waits for a table lock; past it that tenant fails.
     ``grant`` re-applies the tenant's DML grants after its revisions, so new tables are usable.
+    ``adopt`` stamps tenants that have no version table at head instead of migrating them: for
+    tenants whose tables ``TenantProvisioner.create_tenant`` made from the current metadata.
     """
     began = time.perf_counter()
     alembic_config = _load_config(config)
@@ -792,6 +807,7 @@ async def migrate_tenants(
         database_url=database_url,
         lock_timeout=lock_timeout,
         grant=grant,
+        adopt=adopt,
     )
     results: dict[str, MigrationResult] = {}
     try:

@@ -236,3 +236,14 @@ async def test_an_unreachable_registry_is_one_line_without_credentials(project: 
     assert run.stderr.startswith("error: ")
     assert "Traceback" not in run.stderr
     assert "hunter2" not in run.stdout + run.stderr
+
+
+async def test_adopt_stamps_tenants_without_a_version_table(project: Project) -> None:
+    (tenant,) = await add_tenants(project.provisioner, 1)
+    run = await project.run("--all", "--adopt", "--json")
+    assert run.code == 0, run.stderr
+    body = json.loads(run.stdout)
+    assert body["tenants"][0]["status"] == "stamped"
+    assert body["counts"]["stamped"] == 1
+    async with project.provisioner.admin_engine.connect() as conn:
+        assert await version_of(conn, schema_of(project.provisioner, tenant)) == R2

@@ -652,3 +652,47 @@ async def test_a_failed_registry_reset_is_reported_and_cleared_by_a_rerun(
     rerun = await migrate_tenants(provisioner, ini, concurrency=1)
     assert rerun.results[0].status is MigrationStatus.SKIPPED
     assert await status_of(provisioner, tenant) == "active"
+
+
+async def test_tenants_created_from_metadata_are_adopted_at_head(
+    admin_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    from asgi_tenancy.sqlalchemy import SchemaPerTenant, tenants_table
+
+    # The metadata the application creates new tenants from: what r1 + r2 build.
+    metadata = sa.MetaData()
+    sa.Table(
+        "items",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(50), nullable=False),
+        sa.Column("price", sa.Integer),
+    )
+    sa.Table("prices", metadata, sa.Column("id", sa.Integer, primary_key=True))
+    table = tenants_table(name=unique("tenants_"))
+    async with admin_engine.begin() as conn:
+        await conn.run_sync(table.create)
+    provisioner = TenantProvisioner(
+        admin_engine,
+        SchemaPerTenant(metadata=metadata, shared_schema=None),
+        app_role="tenancy_app",
+        table=table,
+    )
+    tenant = await provisioner.create_tenant(unique("new"))
+    ini = write_project(tmp_path)
+
+    replayed = await migrate_tenants(provisioner, ini, concurrency=1)
+    assert replayed.results[0].status is MigrationStatus.FAILED  # r1 meets the existing items
+    dry = await migrate_tenants(provisioner, ini, adopt=True, dry_run=True)
+    assert dry.results[0].status is MigrationStatus.DRY_RUN
+    adopted = await migrate_tenants(provisioner, ini, concurrency=1, adopt=True)
+    (result,) = adopted.results
+    assert result.status is MigrationStatus.STAMPED
+    assert (result.from_revision, result.to_revision) == (None, R2)
+    assert adopted.ok
+    async with admin_engine.connect() as conn:
+        schema = schema_of(provisioner, tenant)
+        assert await version_of(conn, schema) == R2
+        assert await columns_of(conn, schema, "items") == {"id", "name", "price"}
+    again = await migrate_tenants(provisioner, ini, adopt=True)
+    assert again.results[0].status is MigrationStatus.SKIPPED
