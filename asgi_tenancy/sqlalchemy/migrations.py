@@ -5,6 +5,8 @@ one target the runner hands it in ``config.attributes[TARGET_KEY]``: the shared 
 schema (its own ``alembic_version``, tables placed by ``schema_translate_map`` and a
 transaction-local ``search_path``) or one tenant database. Each target runs in ONE transaction,
 so PostgreSQL's transactional DDL leaves a failed tenant exactly at its previous revision.
+Around each run the registry marks the tenant ``migrating`` (answered 503 + ``Retry-After``), and
+the tenant's grants are re-applied inside the transaction, so new tables are usable at once.
 
 Alembic's ``op`` and ``context`` are process-wide module globals, so two migrations can never
 run at once in one process (not in threads, not in greenlets). Concurrent runs therefore go to
@@ -53,6 +55,7 @@ __all__ = [
     "MigrationResult",
     "MigrationStatus",
     "MigrationTarget",
+    "describe_error",
     "env_template",
     "migrate_tenants",
     "run_target",
@@ -60,7 +63,7 @@ __all__ = [
 
 TARGET_KEY = "asgi_tenancy.target"
 SHARED_BRANCH = "shared"
-SHARED_ID = "(shared)"
+SHARED_ID = "(shared)"  # the shared target's id in reports and its advisory lock key
 _VERSION_TABLE = "alembic_version"
 _LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('asgi-tenancy migrate ' || :key))"
 
