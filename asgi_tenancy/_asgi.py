@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from .errors import InvalidToken, TenancyError, UnsafeQuery
+from .errors import InvalidToken, TenancyError, TenantMigrating, UnsafeQuery
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 WS_POLICY_VIOLATION = 1008
@@ -25,11 +25,11 @@ def problem_response(exc: TenancyError) -> JSONResponse:
     }
     if isinstance(exc, UnsafeQuery):
         body["reason"] = exc.reason  # stable: what was refused, for a person or a model retrying
-    headers = (
-        {"www-authenticate": 'Bearer error="invalid_token"'}
-        if isinstance(exc, InvalidToken)
-        else None
-    )
+    headers: dict[str, str] | None = None
+    if isinstance(exc, InvalidToken):
+        headers = {"www-authenticate": 'Bearer error="invalid_token"'}
+    elif isinstance(exc, TenantMigrating):
+        headers = {"retry-after": str(exc.retry_after)}
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 

@@ -282,9 +282,111 @@ def _report_error(args: argparse.Namespace, out: TextIO, exc: Exception, status:
     return status
 
 
+def _add_migrate_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    migrate = commands.add_parser(
+        "migrate",
+        help="run Alembic migrations for the shared schema and the tenants",
+        description="Migrate every tenant (--all) or one to the Alembic head, one transaction "
+        "each; tenants already at head are skipped. Exit status 1 if any tenant failed.",
+    )
+    add_app_option(migrate)
+    which = migrate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every registered tenant")
+    which.add_argument("tenant", nargs="?", metavar="TENANT", help="one tenant's id")
+    which.add_argument(
+        "--print-env-template", action="store_true", help="print the env.py to copy and exit"
+    )
+    migrate.add_argument("--config", default="alembic.ini", help="the Alembic ini file")
+    migrate.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    migrate.add_argument(
+        "--canary", type=_positive, default=0, metavar="N", help="migrate N first, stop on failure"
+    )
+    migrate.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="tenants migrated at once (default: the admin engine's pool size)",
+    )
+    migrate.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="fail a tenant whose tables stay locked longer (default: wait)",
+    )
+    migrate.add_argument(
+        "--adopt",
+        action="store_true",
+        help="stamp tenants without a version table at head (tables made from metadata)",
+    )
+    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
+    migrate.set_defaults(handler=_migrate)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer")
+    return number
+
+
+def _migrate(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import TenancyError
+
+    if args.print_env_template:
+        from .sqlalchemy.migrations import env_template
+
+        out.write(env_template())
+        return EXIT_OK
+    import asyncio
+
+    from .sqlalchemy.migrations import describe_error
+
+    try:
+        return asyncio.run(_migrate_async(args, out))
+    except TenancyError as exc:
+        print(f"error ({exc.code}): {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # the registry unreachable, a broken script directory...
+        # One line without credentials, not a traceback that may print a DSN.
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _migrate_async(args: argparse.Namespace, out: TextIO) -> int:
+    from ._progress import progress_for
+    from .sqlalchemy.migrations import migrate_tenants
+
+    provisioner = load_provisioner(args.app)
+    try:
+        progress = progress_for(sys.stderr if args.json else out, json_output=args.json)
+        report = await migrate_tenants(
+            provisioner,
+            args.config,
+            tenants=None if args.all else [args.tenant],
+            concurrency=args.concurrency,
+            canary=args.canary,
+            dry_run=args.dry_run,
+            observer=progress,
+            lock_timeout=args.lock_timeout,
+            adopt=args.adopt,
+        )
+        progress.close(report)
+    finally:
+        await provisioner.admin_engine.dispose()
+    if args.json:
+        print(report.to_json(), file=out)
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
 _GROUPS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_sql_group,
     _add_tenants_group,
+    _add_migrate_group,
 )
 
 

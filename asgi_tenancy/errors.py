@@ -16,7 +16,8 @@ identifier echoed back would let a caller probe which tenants exist.
     ├── TenancyUnavailable            503  the tenant cannot be served right now
     │   ├── TenantStoreUnavailable    503  the store raised or timed out
     │   │   └── TenantStoreContractError   the store answered with a malformed record
-    │   └── TenantCapacityExceeded    503  every engine or connection is leased
+    │   ├── TenantCapacityExceeded    503  every engine or connection is leased
+    │   └── TenantMigrating           503  the tenant's schema is being migrated (Retry-After)
     └── IsolationConfigError          500  refused at start-up: isolation would not hold
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "TenantConflict",
     "TenantContextError",
     "TenantExists",
+    "TenantMigrating",
     "TenantNotFound",
     "TenantStoreContractError",
     "TenantStoreUnavailable",
@@ -157,6 +159,20 @@ class TenantCapacityExceeded(TenancyUnavailable):
 
     code = "tenant_capacity_exceeded"
     title = "Tenant capacity exceeded"
+
+
+class TenantMigrating(TenancyUnavailable):
+    """The tenant's schema is being migrated; answered with ``Retry-After``, never half-read."""
+
+    code = "tenant_migrating"
+    title = "Tenant is being migrated"
+    retry_after: ClassVar[int] = 5  # seconds: CachedTenantStore's default negative_ttl
+
+    def __init__(self, message: str | None = None, *, tenant: object = None) -> None:
+        # The tenant travels to the middleware's membership check (a non-member gets the
+        # same 404 as for an unknown tenant); it is never rendered.
+        self.tenant = tenant
+        super().__init__(message)
 
 
 class IsolationConfigError(TenancyError):

@@ -13,7 +13,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import reject, route_path
 from .context import tenant_scope
-from .errors import IsolationConfigError, TenancyError, TenantContextError, TenantNotFound
+from .errors import (
+    IsolationConfigError,
+    TenancyError,
+    TenantContextError,
+    TenantMigrating,
+    TenantNotFound,
+)
 from .resolvers import ChainPolicy, Resolver, ResolverChain
 from .store import TenantStore, load_tenant
 from .tenant import Tenant
@@ -66,7 +72,14 @@ class TenancyMiddleware:
             tenant_id = await self._chain.resolve(connection)
             if tenant_id is None:
                 raise TenantContextError("the request names no tenant")
-            tenant = await load_tenant(self._store, tenant_id)
+            try:
+                tenant = await load_tenant(self._store, tenant_id)
+            except TenantMigrating as exc:
+                # Only a member may learn that the tenant exists and is being migrated.
+                if not isinstance(exc.tenant, Tenant):
+                    raise TenantNotFound() from None
+                await self._check_member(connection, exc.tenant)
+                raise
             await self._check_member(connection, tenant)
             scope = self._chain.route_scope(scope, tenant.id)
         except TenancyError as exc:

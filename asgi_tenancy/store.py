@@ -15,11 +15,12 @@ from typing import Protocol, runtime_checkable
 
 from .errors import (
     IsolationConfigError,
+    TenantMigrating,
     TenantNotFound,
     TenantStoreContractError,
     TenantStoreUnavailable,
 )
-from .tenant import Tenant, validate_tenant_id
+from .tenant import Tenant, TenantStatus, validate_tenant_id
 
 __all__ = ["CachedTenantStore", "InMemoryTenantStore", "TenantStore", "check_record", "load_tenant"]
 
@@ -73,7 +74,8 @@ def check_record(tenant_id: str, record: object) -> Tenant | None:
 async def load_tenant(store: TenantStore, tenant_id: str) -> Tenant:
     """Load an active tenant, or raise: unknown and suspended are the same ``TenantNotFound``.
 
-    The identifier is validated before the store sees it; a store that raises becomes
+    A tenant being migrated raises ``TenantMigrating`` (503, ``Retry-After``). The identifier
+    is validated before the store sees it; a store that raises becomes
     ``TenantStoreUnavailable`` (503) and one that breaks its contract a contract error.
     """
     validate_tenant_id(tenant_id)
@@ -84,6 +86,8 @@ async def load_tenant(store: TenantStore, tenant_id: str) -> Tenant:
     except Exception as exc:
         raise TenantStoreUnavailable() from exc
     tenant = check_record(tenant_id, record)
+    if tenant is not None and tenant.status is TenantStatus.MIGRATING:
+        raise TenantMigrating(tenant=tenant)
     if tenant is None or not tenant.is_active:
         raise TenantNotFound()
     return tenant
@@ -93,9 +97,9 @@ class CachedTenantStore:
     """A TTL cache in front of a slow store, with single-flight loading and a hard bound.
 
     Holds at most ``max_entries`` answers (least recently used evicted first), each at most
-    ``ttl`` seconds old (``negative_ttl`` for "unknown"), so a suspension or deletion is seen
-    within ``ttl`` seconds, at once after ``invalidate``. Concurrent misses for one id share a
-    single store call; a store that raises or exceeds ``timeout`` gives
+    ``ttl`` seconds old (``negative_ttl`` for "unknown" and "migrating"), so a suspension or
+    deletion is seen within ``ttl`` seconds, at once after ``invalidate``. Concurrent misses
+    for one id share a single store call; a store that raises or exceeds ``timeout`` gives
     ``TenantStoreUnavailable``, which is never cached.
     """
 
@@ -169,7 +173,10 @@ class CachedTenantStore:
             raise TenantStoreUnavailable() from exc
         tenant = check_record(tenant_id, record)
         if generation == self._generation:  # an invalidation since makes this answer stale
-            ttl = self.negative_ttl if tenant is None else self.ttl
+            # "Migrating" is short-lived, like "unknown": held no longer than negative_ttl, so a
+            # tenant is served again within seconds of its migration's end.
+            brief = tenant is None or tenant.status is TenantStatus.MIGRATING
+            ttl = self.negative_ttl if brief else self.ttl
             self._entries[tenant_id] = (self._clock() + ttl, tenant)
             self._entries.move_to_end(tenant_id)
             while len(self._entries) > self.max_entries:

@@ -36,10 +36,15 @@ def validate_tenant_id(value: object) -> str:
 
 
 class TenantStatus(enum.StrEnum):
-    """Whether a tenant may be served. Anything but ``ACTIVE`` is answered as not found."""
+    """Whether a tenant may be served: only ``ACTIVE`` is.
+
+    ``SUSPENDED`` is answered as not found; ``MIGRATING`` (its schema is being migrated) with a
+    503 and ``Retry-After``.
+    """
 
     ACTIVE = "active"
     SUSPENDED = "suspended"
+    MIGRATING = "migrating"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +65,7 @@ class Tenant:
         try:
             status = TenantStatus(self.status)
         except ValueError:
-            raise ValueError("tenant status must be 'active' or 'suspended'") from None
+            raise ValueError("tenant status must be 'active', 'suspended' or 'migrating'") from None
         if not isinstance(self.attributes, Mapping):
             raise TypeError("tenant attributes must be a mapping")
         object.__setattr__(self, "status", status)

@@ -41,7 +41,9 @@ def tenants_table(
             server_default=sa.func.now(),
             onupdate=sa.func.now(),
         ),
-        sa.CheckConstraint("status IN ('active', 'suspended')", name=f"{name}_status_check"),
+        sa.CheckConstraint(
+            "status IN ('active', 'suspended', 'migrating')", name=f"{name}_status_check"
+        ),
         schema=schema,
     )
 
@@ -109,8 +111,11 @@ class SqlAlchemyTenantStore:
             await conn.execute(self.table.delete().where(self.table.c.id == tenant_id))
 
 
+_STATUSES = frozenset(status.value for status in TenantStatus)
+
+
 def _tenant_from_row(tenant_id: Any, status: Any, attributes: Any) -> Tenant:
-    if status not in (TenantStatus.ACTIVE.value, TenantStatus.SUSPENDED.value):
+    if status not in _STATUSES:
         raise TenantStoreContractError("tenants table holds an unknown status")
     if not isinstance(attributes, Mapping):
         raise TenantStoreContractError("tenants table holds attributes that are not an object")
