@@ -388,7 +388,13 @@ async def _check_shadowing(conn: AsyncConnection, names: Sequence[str]) -> list[
     findings = []
     who = (await conn.execute(text("SELECT current_user AS role, current_database() AS db"))).one()
     for name in names:
-        found = await conn.scalar(text("SELECT to_regclass(:n)::text"), {"n": f'"{name}"'})
+        found = await conn.scalar(
+            text(
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:n)"
+            ),
+            {"n": f'"{name}"'},
+        )
         if found is not None:
             findings.append(
                 Finding(
