@@ -12,6 +12,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,7 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from asgi_tenancy.sqlalchemy import RowLevelSecurity
+from asgi_tenancy.sqlalchemy import AuditReport, RowLevelSecurity, audit
 from tests.conftest import PgDatabase, PgServer, create_database, drop_database
 
 ROLE_PASSWORD = "audit-role-test"
@@ -58,6 +59,14 @@ class AuditDatabase:
 
     def engine(self) -> AsyncEngine:
         return create_async_engine(self.db.admin_url, poolclass=NullPool)
+
+    async def audit(self, **options: Any) -> AuditReport:
+        """The audit of this database for this role, connected as the superuser."""
+        engine = self.engine()
+        try:
+            return await audit(engine, app_role=self.role, **options)
+        finally:
+            await engine.dispose()
 
 
 def _setup(server: PgServer, db: PgDatabase, role: str) -> AuditDatabase:

@@ -7,6 +7,7 @@ finding's code and subject, applies the finding's fix SQL and audits again.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -14,12 +15,8 @@ from asgi_tenancy.sqlalchemy import AuditReport, audit
 from tests.audit.conftest import AuditDatabase, unique
 
 
-async def _audit(audit_db: AuditDatabase, schema: str, **options: object) -> AuditReport:
-    engine = audit_db.engine()
-    try:
-        return await audit(engine, app_role=audit_db.role, schemas=[schema], **options)  # type: ignore[arg-type]
-    finally:
-        await engine.dispose()
+async def _audit(audit_db: AuditDatabase, schema: str, **options: Any) -> AuditReport:
+    return await audit_db.audit(schemas=[schema], **options)
 
 
 async def _fix(audit_db: AuditDatabase, report: AuditReport, code: str, subject: str) -> None:
@@ -53,6 +50,16 @@ async def _protect(audit_db: AuditDatabase, schema: str) -> None:
     )
 
 
+async def _own_policy(audit_db: AuditDatabase, schema: str, name: str, predicate: str) -> None:
+    """RLS forced and indexed, with a policy of the test's own instead of the library's."""
+    await audit_db.sql(
+        f"ALTER TABLE {schema}.orders ENABLE ROW LEVEL SECURITY",
+        f"ALTER TABLE {schema}.orders FORCE ROW LEVEL SECURITY",
+        f"CREATE POLICY {name} ON {schema}.orders USING ({predicate}) WITH CHECK ({predicate})",
+        f"CREATE INDEX ON {schema}.orders (tenant_id)",
+    )
+
+
 async def test_a_protected_table_and_a_declared_shared_table_yield_no_findings(
     audit_db: AuditDatabase, schema: str
 ) -> None:
@@ -67,12 +74,8 @@ async def test_a_protected_table_and_a_declared_shared_table_yield_no_findings(
 async def test_a_policy_reading_the_setting_in_a_sub_select_passes(
     audit_db: AuditDatabase, schema: str
 ) -> None:
-    predicate = "tenant_id = (SELECT current_setting('app.tenant_id'))"
-    await audit_db.sql(
-        f"ALTER TABLE {schema}.orders ENABLE ROW LEVEL SECURITY",
-        f"ALTER TABLE {schema}.orders FORCE ROW LEVEL SECURITY",
-        f"CREATE POLICY own ON {schema}.orders USING ({predicate}) WITH CHECK ({predicate})",
-        f"CREATE INDEX ON {schema}.orders (tenant_id)",
+    await _own_policy(
+        audit_db, schema, "own", "tenant_id = (SELECT current_setting('app.tenant_id'))"
     )
     assert (await _audit(audit_db, schema)).findings == ()
 
@@ -197,55 +200,23 @@ async def test_a_policy_for_another_role_does_not_apply(
         )
 
 
-async def test_a_policy_not_reading_the_tenant_is_a003(
-    audit_db: AuditDatabase, schema: str
+@pytest.mark.parametrize(
+    ("policy", "predicate", "code"),
+    [
+        ("mine", "owner = current_user", "A003"),  # reads no tenant at all
+        ("tenancy_isolation", "tenant_id = (SELECT current_setting('app.user_id'))", "A003"),
+        ("by_row", "tenant_id = current_setting('app.tenant_id')", "A004"),
+        ("nested", "tenant_id = lower(current_setting('app.tenant_id', true))", "A004"),
+    ],
+)
+async def test_a_policy_misreading_the_tenant_is_found_and_fixed(
+    audit_db: AuditDatabase, schema: str, policy: str, predicate: str, code: str
 ) -> None:
-    predicate = "owner = current_user"
-    await audit_db.sql(
-        f"ALTER TABLE {schema}.orders ENABLE ROW LEVEL SECURITY",
-        f"ALTER TABLE {schema}.orders FORCE ROW LEVEL SECURITY",
-        f"CREATE POLICY mine ON {schema}.orders USING ({predicate}) WITH CHECK ({predicate})",
-        f"CREATE INDEX ON {schema}.orders (tenant_id)",
-    )
-    subject = f"{schema}.orders policy mine"
+    await _own_policy(audit_db, schema, policy, predicate)
+    subject = f"{schema}.orders policy {policy}"
     report = await _audit(audit_db, schema)
-    assert report.codes() == {("A003", subject)}
-    await _fix(audit_db, report, "A003", subject)
-    assert (await _audit(audit_db, schema)).findings == ()
-
-
-async def test_a_policy_reading_another_setting_is_a003(
-    audit_db: AuditDatabase, schema: str
-) -> None:
-    predicate = "tenant_id = (SELECT current_setting('app.user_id'))"
-    await audit_db.sql(
-        f"ALTER TABLE {schema}.orders ENABLE ROW LEVEL SECURITY",
-        f"ALTER TABLE {schema}.orders FORCE ROW LEVEL SECURITY",
-        f"CREATE POLICY tenancy_isolation ON {schema}.orders USING ({predicate})"
-        f" WITH CHECK ({predicate})",
-        f"CREATE INDEX ON {schema}.orders (tenant_id)",
-    )
-    subject = f"{schema}.orders policy tenancy_isolation"
-    report = await _audit(audit_db, schema)
-    assert report.codes() == {("A003", subject)}
-    await _fix(audit_db, report, "A003", subject)
-    assert (await _audit(audit_db, schema)).findings == ()
-
-
-async def test_a_policy_reading_the_setting_per_row_is_a004(
-    audit_db: AuditDatabase, schema: str
-) -> None:
-    predicate = "tenant_id = current_setting('app.tenant_id')"
-    await audit_db.sql(
-        f"ALTER TABLE {schema}.orders ENABLE ROW LEVEL SECURITY",
-        f"ALTER TABLE {schema}.orders FORCE ROW LEVEL SECURITY",
-        f"CREATE POLICY by_row ON {schema}.orders USING ({predicate}) WITH CHECK ({predicate})",
-        f"CREATE INDEX ON {schema}.orders (tenant_id)",
-    )
-    subject = f"{schema}.orders policy by_row"
-    report = await _audit(audit_db, schema)
-    assert report.codes() == {("A004", subject)}
-    await _fix(audit_db, report, "A004", subject)
+    assert report.codes() == {(code, subject)}
+    await _fix(audit_db, report, code, subject)
     assert (await _audit(audit_db, schema)).findings == ()
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from asgi_tenancy import Tenant
-from asgi_tenancy.sqlalchemy import AuditReport, DatabasePerTenant, audit
+from asgi_tenancy.sqlalchemy import AuditReport, DatabasePerTenant
 from tests.audit.conftest import AuditDatabase
 from tests.conftest import PgDatabase, PgServer, create_database, drop_database
 
@@ -36,11 +36,7 @@ def _tenant(label: str, url: str | None) -> Tenant:
 
 
 async def _audit(audit_db: AuditDatabase, *tenants: Tenant) -> AuditReport:
-    engine = audit_db.engine()
-    try:
-        return await audit(engine, app_role=audit_db.role, strategy=STRATEGY, tenants=tenants)
-    finally:
-        await engine.dispose()
+    return await audit_db.audit(strategy=STRATEGY, tenants=tenants)
 
 
 async def _set_revision(audit_db: AuditDatabase, db: PgDatabase, revision: str) -> None:

@@ -14,7 +14,6 @@ from asgi_tenancy.sqlalchemy import (
     AuditReport,
     SchemaPerTenant,
     TenantProvisioner,
-    audit,
     audit_provisioner,
     create_tenants_table,
     tenants_table,
@@ -33,11 +32,7 @@ STRATEGY = SchemaPerTenant(metadata=metadata)
 
 
 async def _audit(audit_db: AuditDatabase, *tenants: Tenant) -> AuditReport:
-    engine = audit_db.engine()
-    try:
-        return await audit(engine, app_role=audit_db.role, strategy=STRATEGY, tenants=tenants)
-    finally:
-        await engine.dispose()
+    return await audit_db.audit(strategy=STRATEGY, tenants=tenants)
 
 
 async def _create(audit_db: AuditDatabase, *tenants: Tenant, revision: str | None = "r1") -> None:
