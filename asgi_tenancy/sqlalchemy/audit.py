@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, MetaData, Table, text
@@ -50,7 +50,7 @@ class AuditReport:
     strategy: str | None
     findings: tuple[Finding, ...]
     tables: tuple[str, ...] = ()
-    tenants: tuple[str, ...] = field(default=())
+    tenants: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -176,6 +176,7 @@ async def _audit(
             inspected = [t.fullname for t in [*rls.tenant_tables(), *tenant_tables]]
             findings += await _audit_policies(conn, app_role, rls, tables)
             findings += await _audit_indexes(conn, rls, tables)
+            findings += await _audit_views(conn, app_role, rls, tables)
             async with _as_role(conn, app_role):
                 if strategy is not None:
                     findings += await strategy.check(conn)
@@ -441,4 +442,42 @@ async def _audit_indexes(
                     ";\n".join(create),
                 )
             )
+    return findings
+
+
+async def _audit_views(
+    conn: AsyncConnection, role: str, rls: RowLevelSecurity, tables: Sequence[Table]
+) -> list[Finding]:
+    """A012: a view reads its tables with its owner's rights, under the owner's policies (none
+    for a superuser, a BYPASSRLS role, or the owner of a table whose RLS is not forced); a
+    materialized view holds every tenant's rows with no policy at all."""
+    names = [_qualified(t) for t in [*rls.tenant_tables(), *tables] if rls.tenant_column in t.c]
+    if not names:
+        return []
+    rows = await conn.execute(
+        text(
+            "SELECT DISTINCT format('%I.%I', n.nspname, v.relname) AS name,"
+            " v.relkind::text AS relkind"
+            " FROM pg_class v JOIN pg_namespace n ON n.oid = v.relnamespace"
+            " JOIN pg_rewrite w ON w.ev_class = v.oid"
+            " JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid"
+            " AND d.refclassid = 'pg_class'::regclass"
+            " WHERE v.relkind IN ('v', 'm') AND d.refobjid <> v.oid"
+            " AND d.refobjid = ANY(SELECT to_regclass(t) FROM unnest(CAST(:names AS text[])) t)"
+            " AND NOT coalesce('security_invoker=true' = ANY(v.reloptions), false)"
+            " AND has_schema_privilege(:role, n.oid, 'USAGE')"
+            " AND has_table_privilege(:role, v.oid, 'SELECT')"
+            " ORDER BY 1"
+        ),
+        {"names": names, "role": role},
+    )
+    findings = []
+    for row in rows:
+        if row.relkind == "m":
+            message = "a materialized view of a tenant table holds every tenant's rows"
+            fix = f"REVOKE ALL ON {row.name} FROM {quote_ident(role)}"
+        else:
+            message = "a view of a tenant table reads it with its owner's rights, not the caller's"
+            fix = f"ALTER VIEW {row.name} SET (security_invoker = true)"
+        findings.append(Finding("A012", row.name, message, fix))
     return findings

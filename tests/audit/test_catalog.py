@@ -265,3 +265,27 @@ async def test_a_missing_tenant_function_is_r010(audit_db: AuditDatabase, schema
     finally:
         await engine.dispose()
     assert ("R010", f"{schema}_fn.tenancy_current_tenant") in report.codes()
+
+
+@pytest.mark.parametrize(
+    ("kind", "code"),
+    [("VIEW", "A012"), ("MATERIALIZED VIEW", "A012"), ("VIEW_INVOKER", None)],
+)
+async def test_a_view_of_a_tenant_table_is_a012_unless_security_invoker(
+    audit_db: AuditDatabase, schema: str, kind: str, code: str | None
+) -> None:
+    await _protect(audit_db, schema)
+    create = "VIEW" if kind == "VIEW_INVOKER" else kind
+    options = " WITH (security_invoker = true)" if kind == "VIEW_INVOKER" else ""
+    await audit_db.sql(
+        f"CREATE {create} {schema}.summary{options} AS"
+        f" SELECT tenant_id, count(*) FROM {schema}.orders GROUP BY tenant_id",
+        f"GRANT SELECT ON {schema}.summary TO {audit_db.role}",
+    )
+    report = await _audit(audit_db, schema)
+    if code is None:
+        assert report.findings == ()
+        return
+    assert report.codes() == {(code, f"{schema}.summary")}
+    await _fix(audit_db, report, code, f"{schema}.summary")
+    assert (await _audit(audit_db, schema)).findings == ()
