@@ -33,9 +33,11 @@ async def run_audit(
 ) -> AuditReport:
     """Catalog-only with ``url`` and ``app_role``; the whole application with ``provisioner``."""
     if provisioner is not None:
-        if url is not None:
+        if url is not None or app_role is not None:
             raise IsolationConfigError(
-                "give either DATABASE_URL or --app", hint="--app audits the app's admin database"
+                "--app brings its own database and role: DATABASE_URL and --app-role are for "
+                "the catalog-only audit",
+                hint="drop DATABASE_URL and --app-role, or drop --app",
             )
         try:
             await _reach(provisioner.admin_engine)

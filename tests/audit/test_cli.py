@@ -142,6 +142,7 @@ def test_malformed_url_is_exit_2_and_not_echoed(capsys: pytest.CaptureFixture[st
         ["audit", "postgresql://u@h/db"],  # no --app-role
         ["audit", "--app-role", "app"],  # no URL
         ["audit", "postgresql://u@h/db", "--app", "tests.audit.apps:rls_app"],  # both
+        ["audit", "--app-role", "app", "--app", "tests.audit.apps:rls_app"],
         ["audit", "postgresql://u@h/db", "--app-role", "Not A Role"],
         ["policy", "--app", "tests.audit.apps:nothing_here"],
         ["policy", "--app", "tests.audit.no_such_module:app"],
