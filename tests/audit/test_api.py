@@ -6,12 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from asgi_tenancy.errors import IsolationConfigError
-from asgi_tenancy.sqlalchemy import audit
+from asgi_tenancy.sqlalchemy import QueryScoping, audit
 from tests.audit.conftest import AuditDatabase, unique
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,3 +69,14 @@ def test_every_audit_code_is_documented_and_tested() -> None:
     assert codes == {f"A{n:03d}" for n in range(1, 13)}
     assert {c for c in codes if f"| {c} |" not in docs} == set()
     assert {c for c in codes if f'"{c}"' not in tests} == set()
+
+
+async def test_query_scoping_reports_its_own_configuration_findings(
+    audit_db: AuditDatabase,
+) -> None:
+    metadata = sa.MetaData()
+    sa.Table("orders", metadata, sa.Column("id", sa.Integer), sa.Column("tenant_id", sa.Text))
+    sa.Table("plans", metadata, sa.Column("id", sa.Integer))
+    report = await audit_db.audit(strategy=QueryScoping(metadata=metadata))
+    assert report.strategy == "query"
+    assert report.codes() == {("Q001", "plans"), ("Q004", "orders")}
