@@ -105,8 +105,9 @@ async def audit(
 
     Connect as an owner or superuser that may ``SET ROLE`` to ``app_role``: the strategy
     checks run as that role, in a transaction that is rolled back. ``schemas`` limits the
-    catalog scan (default: every schema the role may use). ``registry`` is the tenants table:
-    shared by definition, and where a fix for a misplaced tenant is written.
+    catalog scan (default: every schema the role may use). ``tenant_column`` is for the
+    catalog-only audit: a ``RowLevelSecurity`` strategy brings its own. ``registry`` is the
+    tenants table: shared by definition, and where a fix for a misplaced tenant is written.
     """
     if not isinstance(app_role, str) or not _ROLE.match(app_role):
         raise IsolationConfigError("app_role must be a plain lower-case PostgreSQL role name")
