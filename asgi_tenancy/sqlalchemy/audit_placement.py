@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -30,6 +31,7 @@ __all__ = ["audit_databases", "audit_schemas", "compare_revisions"]
 
 _CENTRAL = "the application's own database"
 _MISSING_DATABASE = "3D000"  # invalid_catalog_name
+_UNREADABLE = "(unreadable)"  # an alembic_version the tenant's role may not read
 
 
 async def audit_schemas(
@@ -199,7 +201,7 @@ def compare_revisions(revisions: Mapping[str, str | None], what: str) -> list[Fi
 
     Nothing is reported when none has an ``alembic_version`` table (no Alembic in use).
     """
-    known = Counter(r for r in revisions.values() if r is not None)
+    known = Counter(r for r in revisions.values() if r not in (None, _UNREADABLE))
     if not known:
         return []
     reference = sorted(known.items(), key=lambda item: (-item[1], item[0]))[0][0]
@@ -228,13 +230,22 @@ async def _inspect_database(url: URL) -> tuple[tuple[str, str], bool, str | None
     """Identity, superuser flag and Alembic revision of one tenant database."""
     engine = create_async_engine(url, poolclass=NullPool, connect_args={"timeout": 10})
     try:
-        async with engine.connect() as conn:
+        try:
+            conn = await engine.connect()
+        except Exception as exc:
+            # The driver's message may carry the URL: only the SQLSTATE is kept, never the text.
+            raise _Unreachable(_sqlstate(exc) == _MISSING_DATABASE) from None
+        try:
             row = (await conn.execute(text(_IDENTITY_SQL))).one()
             table = await conn.scalar(text("SELECT to_regclass('alembic_version')::text"))
-            revision = None if table is None else await _revision(conn, str(table))
-    except Exception as exc:
-        # The driver's message may carry the URL: only the SQLSTATE is kept, never the text.
-        raise _Unreachable(_sqlstate(exc) == _MISSING_DATABASE) from None
+            revision = None
+            if table is not None:
+                try:
+                    revision = await _revision(conn, str(table))
+                except DBAPIError:  # the tenant's role may not read it: a revision unknown
+                    revision = _UNREADABLE
+        finally:
+            await conn.close()
     finally:
         await engine.dispose()
     return (row.server, row.db), bool(row.superuser), revision

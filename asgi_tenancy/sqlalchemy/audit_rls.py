@@ -32,7 +32,8 @@ async def catalog_tables(
 ) -> list[Table]:
     """The tables the role can reach, as column-only ``Table`` stubs for ``rls.check``.
 
-    Tables the application's metadata already names are left to ``strategy.check``.
+    Partitions are included: one queried directly is held to its own policies only. Tables
+    the application's metadata already names are left to ``strategy.check``.
     """
     rows = (
         await conn.execute(

@@ -6,11 +6,12 @@ error raised here repeats the URL or a driver's message, only what failed and th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -41,9 +42,10 @@ async def run_audit(
             )
         try:
             await _reach(provisioner.admin_engine)
-            return await audit_provisioner(
-                provisioner, schemas=schemas, shared_tables=shared_tables
-            )
+            with _database_errors():
+                return await audit_provisioner(
+                    provisioner, schemas=schemas, shared_tables=shared_tables
+                )
         finally:
             await provisioner.admin_engine.dispose()
     if url is None or app_role is None:
@@ -54,13 +56,14 @@ async def run_audit(
     engine = create_async_engine(_postgres_url(url), poolclass=NullPool)
     try:
         await _reach(engine)
-        return await audit(
-            engine,
-            app_role=app_role,
-            tenant_column=tenant_column,
-            shared_tables=shared_tables,
-            schemas=schemas,
-        )
+        with _database_errors():
+            return await audit(
+                engine,
+                app_role=app_role,
+                tenant_column=tenant_column,
+                shared_tables=shared_tables,
+                schemas=schemas,
+            )
     finally:
         await engine.dispose()
 
@@ -96,8 +99,9 @@ async def run_policy(provisioner: TenantProvisioner, *, apply: bool) -> PolicyPl
         plan = PolicyPlan(tuple(strategy.ddl()), strategy.signed, apply)
         if apply:
             await _reach(provisioner.admin_engine)
-            async with provisioner.admin_engine.begin() as conn:
-                await strategy.install(conn)
+            with _database_errors():
+                async with provisioner.admin_engine.begin() as conn:
+                    await strategy.install(conn)
         return plan
     finally:
         await provisioner.admin_engine.dispose()
@@ -112,6 +116,20 @@ async def _reach(engine: AsyncEngine) -> None:
         raise TenancyUnavailable(
             f"the database cannot be reached ({type(exc).__name__})",
             hint="check the host, port, database name and credentials",
+        ) from None
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database error mid-command: its type and SQLSTATE, never the driver's message."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        detail = type(exc).__name__ + (f", SQLSTATE {state}" if isinstance(state, str) else "")
+        raise TenancyUnavailable(
+            f"the database refused a statement ({detail})",
+            hint="run it through the Python API (asgi_tenancy.sqlalchemy.audit) for the details",
         ) from None
 
 

@@ -20,6 +20,7 @@ from asgi_tenancy.sqlalchemy import (
 )
 
 URL_VAR = "TENANCY_AUDIT_TEST_URL"
+ROLE_URL_VAR = "TENANCY_AUDIT_TEST_ROLE_URL"  # the application role's own: not an admin
 ROLE_VAR = "TENANCY_AUDIT_TEST_ROLE"
 SIGNING_KEY = "audit-test-signing-key-0123456789abcdef"
 
@@ -51,3 +52,10 @@ def signed_app() -> TenantProvisioner:
 
 def schema_app() -> TenantProvisioner:
     return _provisioner(SchemaPerTenant(metadata=sa.MetaData()))
+
+
+def rls_app_without_rights() -> TenantProvisioner:
+    """An "admin" engine that is really the application role: it may not create anything."""
+    engine = create_async_engine(os.environ[ROLE_URL_VAR], poolclass=NullPool)
+    strategy = RowLevelSecurity(metadata=metadata, shared_tables=["plans"])
+    return TenantProvisioner(engine, strategy, app_role=os.environ[ROLE_VAR])

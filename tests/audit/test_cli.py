@@ -34,6 +34,7 @@ def cli_db(audit_db: AuditDatabase) -> AuditDatabase:
 def app_env(cli_db: AuditDatabase, monkeypatch: pytest.MonkeyPatch) -> AuditDatabase:
     monkeypatch.setenv(apps.URL_VAR, cli_db.db.admin_url)
     monkeypatch.setenv(apps.ROLE_VAR, cli_db.role)
+    monkeypatch.setenv(apps.ROLE_URL_VAR, cli_db.role_url())
     return cli_db
 
 
@@ -114,6 +115,16 @@ def test_policy_refuses_a_strategy_without_policies(
     status, _ = _run("policy", "--app", "tests.audit.apps:schema_app")
     assert status == EXIT_USAGE
     assert "only row-level security has policies" in capsys.readouterr().err
+
+
+def test_a_statement_the_database_refuses_is_exit_2_with_its_sqlstate(
+    app_env: AuditDatabase, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _ = _run("policy", "--app", "tests.audit.apps:rls_app_without_rights", "--apply")
+    err = capsys.readouterr().err
+    assert status == EXIT_USAGE
+    assert "the database refused a statement (ProgrammingError, SQLSTATE 42501)" in err
+    assert "audit-role-test" not in err  # the role's password
 
 
 def test_unreachable_database_is_exit_2_and_never_shows_the_url(

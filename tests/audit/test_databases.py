@@ -126,3 +126,21 @@ async def test_a_tenant_database_at_another_revision_is_a008(
 async def test_a_tenant_without_a_database_url_is_d005(audit_db: AuditDatabase) -> None:
     tenant = _tenant("acme", None)
     assert (await _audit(audit_db, tenant)).codes() == {("D005", f"tenant {tenant.id}")}
+
+
+async def test_an_alembic_version_the_tenant_cannot_read_is_a008(
+    audit_db: AuditDatabase, tenant_dbs: list[PgDatabase]
+) -> None:
+    for db in tenant_dbs[:2]:
+        await _set_revision(audit_db, db, "r1")
+    hidden = tenant_dbs[1]
+    tenants = [_tenant(f"t{i}", db.app_url) for i, db in enumerate(tenant_dbs[:2])]
+    try:
+        await audit_db.sql("REVOKE ALL ON public.alembic_version FROM PUBLIC, tenancy_app",
+                           database=hidden.name)  # fmt: skip
+        report = await _audit(audit_db, *tenants)
+        assert report.codes() == {("A008", hidden.name)}
+        assert "(unreadable)" in report.findings[0].message
+    finally:
+        await audit_db.sql("GRANT SELECT ON public.alembic_version TO tenancy_app",
+                           database=hidden.name)  # fmt: skip
