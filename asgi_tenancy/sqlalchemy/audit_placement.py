@@ -189,7 +189,7 @@ async def audit_databases(
                     database,
                     f"tenant {tenant.id!r} connects as a superuser, which can reach every "
                     "database on the server",
-                    "ALTER ROLE <the tenant URL's user> NOSUPERUSER",
+                    f"ALTER ROLE {quote_ident(url.username or 'CURRENT_USER')} NOSUPERUSER",
                 )
             )
         revisions[database] = revision

@@ -107,8 +107,17 @@ async def test_a_superuser_tenant_url_is_d004(
     audit_db: AuditDatabase, tenant_dbs: list[PgDatabase]
 ) -> None:
     db = tenant_dbs[2]
-    report = await _audit(audit_db, _tenant("acme", db.admin_url))
-    assert report.codes() == {("D004", db.name)}
+    role = f"su_{uuid.uuid4().hex[:8]}"
+    url = make_url(db.admin_url).set(username=role, password="su-test")
+    tenant = _tenant("acme", url.render_as_string(hide_password=False))
+    await audit_db.sql(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'su-test'")
+    try:
+        report = await _audit(audit_db, tenant)
+        assert report.codes() == {("D004", db.name)}
+        await audit_db.sql(report.findings[0].fix)
+        assert (await _audit(audit_db, tenant)).findings == ()
+    finally:
+        await audit_db.sql(f"DROP ROLE {role}")
 
 
 async def test_a_tenant_database_at_another_revision_is_a008(
