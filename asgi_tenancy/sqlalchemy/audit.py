@@ -111,14 +111,17 @@ async def audit(
     """
     if not isinstance(app_role, str) or not _ROLE.match(app_role):
         raise IsolationConfigError("app_role must be a plain lower-case PostgreSQL role name")
-    if isinstance(target, AsyncEngine):
-        async with target.connect() as conn:
-            return await _audit(
-                conn, app_role, tenant_column, shared_tables, schemas, strategy, tenants, registry
-            )
-    return await _audit(
-        target, app_role, tenant_column, shared_tables, schemas, strategy, tenants, registry
-    )
+    async with _connected(target) as conn:
+        return await _audit(
+            conn,
+            app_role=app_role,
+            tenant_column=tenant_column,
+            shared_tables=shared_tables,
+            schemas=schemas,
+            strategy=strategy,
+            tenants=tenants,
+            registry=registry,
+        )
 
 
 async def audit_provisioner(
@@ -144,6 +147,7 @@ async def audit_provisioner(
 
 async def _audit(
     conn: AsyncConnection,
+    *,
     app_role: str,
     tenant_column: str,
     shared_tables: Iterable[str],
@@ -205,6 +209,15 @@ async def _audit(
 def _unique(findings: Iterable[Finding]) -> list[Finding]:
     """Once each: the strategy's own check and the catalog's overlap on the role."""
     return list(dict.fromkeys(findings))
+
+
+@asynccontextmanager
+async def _connected(target: AsyncEngine | AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    if isinstance(target, AsyncConnection):
+        yield target
+        return
+    async with target.connect() as conn:
+        yield conn
 
 
 @asynccontextmanager
