@@ -80,3 +80,19 @@ async def test_query_scoping_reports_its_own_configuration_findings(
     report = await audit_db.audit(strategy=QueryScoping(metadata=metadata))
     assert report.strategy == "query"
     assert report.codes() == {("Q001", "plans"), ("Q004", "orders")}
+
+
+async def test_the_application_role_can_audit_itself(audit_db: AuditDatabase) -> None:
+    schema = unique("s")
+    await audit_db.sql(
+        f"CREATE SCHEMA {schema}",
+        f"GRANT USAGE ON SCHEMA {schema} TO {audit_db.role}",
+        f"CREATE TABLE {schema}.orders (id int, tenant_id text)",
+    )
+    engine = create_async_engine(audit_db.role_url(), poolclass=NullPool)
+    try:
+        report = await audit(engine, app_role=audit_db.role, schemas=[schema])
+    finally:
+        await engine.dispose()
+    table = f"{schema}.orders"
+    assert report.codes() == {("R004", table), ("R005", table), ("R006", table), ("A005", table)}
