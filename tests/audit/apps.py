@@ -17,6 +17,7 @@ from asgi_tenancy.sqlalchemy import (
     RowLevelSecurity,
     SchemaPerTenant,
     TenantProvisioner,
+    create_tenants_table,
 )
 
 URL_VAR = "TENANCY_AUDIT_TEST_URL"
@@ -32,6 +33,17 @@ sa.Table(
     sa.Column("tenant_id", sa.Text, nullable=False),
 )
 sa.Table("plans", metadata, sa.Column("id", sa.Integer, primary_key=True))
+
+
+async def create_tables(admin_url: str) -> None:
+    """The apps' tables and the tenants registry, created by the owner (a test's set-up)."""
+    engine = create_async_engine(admin_url, poolclass=NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        await create_tenants_table(engine)
+    finally:
+        await engine.dispose()
 
 
 def _provisioner(strategy: IsolationStrategy) -> TenantProvisioner:

@@ -9,24 +9,13 @@ import json
 import pytest
 
 from asgi_tenancy.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, main
-from asgi_tenancy.sqlalchemy import create_tenants_table
 from tests.audit import apps
 from tests.audit.conftest import AuditDatabase, unique
 
 
-async def _create_tables(audit_db: AuditDatabase) -> None:
-    engine = audit_db.engine()
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(apps.metadata.create_all)
-        await create_tenants_table(engine)
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def cli_db(audit_db: AuditDatabase) -> AuditDatabase:
-    asyncio.run(_create_tables(audit_db))
+    asyncio.run(apps.create_tables(audit_db.db.admin_url))
     return audit_db
 
 

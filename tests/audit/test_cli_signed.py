@@ -10,19 +10,8 @@ import pytest
 from sqlalchemy import text
 
 from asgi_tenancy.cli import EXIT_OK, EXIT_REFUSED, main
-from asgi_tenancy.sqlalchemy import create_tenants_table
 from tests.audit import apps
 from tests.audit.conftest import AuditDatabase
-
-
-async def _create_tables(audit_db: AuditDatabase) -> None:
-    engine = audit_db.engine()
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(apps.metadata.create_all)
-        await create_tenants_table(engine)
-    finally:
-        await engine.dispose()
 
 
 async def _key_rows(audit_db: AuditDatabase) -> int:
@@ -44,7 +33,7 @@ def _run(*argv: str) -> tuple[int, str]:
 def test_signed_policy_apply_then_audit_is_clean(
     audit_db: AuditDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    asyncio.run(_create_tables(audit_db))
+    asyncio.run(apps.create_tables(audit_db.db.admin_url))
     monkeypatch.setenv(apps.URL_VAR, audit_db.db.admin_url)
     monkeypatch.setenv(apps.ROLE_VAR, audit_db.role)
     app = "tests.audit.apps:signed_app"
