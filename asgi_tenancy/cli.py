@@ -383,10 +383,101 @@ async def _migrate_async(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_REFUSED
 
 
+def _load_app(spec: str | None) -> TenantProvisioner:
+    """``load_provisioner``, with a module or attribute that is not there as a usage error."""
+    from .errors import IsolationConfigError
+
+    try:
+        return load_provisioner(spec)
+    except (ImportError, AttributeError):
+        raise IsolationConfigError(
+            f"--app {spec} cannot be imported", hint="check the module path and attribute name"
+        ) from None
+
+
+def _add_audit_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="report every way tenant isolation would not hold (exit 1 on any finding)",
+        description="Read the live catalog and report isolation findings, each with its fix. "
+        "Exit 0 when clean, 1 on any finding, 2 on a usage or connection error.",
+    )
+    audit.add_argument(
+        "url", nargs="?", metavar="DATABASE_URL", help="catalog-only audit of this database"
+    )
+    add_app_option(audit)
+    audit.add_argument("--app-role", help="the role the application connects as")
+    audit.add_argument("--tenant-column", default="tenant_id")
+    audit.add_argument("--shared", action="append", default=[], metavar="TABLE", help="repeatable")
+    audit.add_argument(
+        "--schema",
+        action="append",
+        metavar="SCHEMA",
+        help="inspect only this schema's tables (repeatable; default: every schema)",
+    )
+    audit.add_argument("--json", action="store_true", help="print one JSON object")
+    audit.set_defaults(handler=_audit)
+
+
+def _audit(args: argparse.Namespace, out: TextIO) -> int:
+    import asyncio
+
+    from .errors import TenancyError
+    from .sqlalchemy.commands import run_audit
+
+    try:
+        provisioner = _load_app(args.app) if args.app else None
+        report = asyncio.run(
+            run_audit(
+                url=args.url,
+                provisioner=provisioner,
+                app_role=args.app_role,
+                tenant_column=args.tenant_column,
+                shared_tables=args.shared,
+                schemas=args.schema,
+            )
+        )
+    except TenancyError as exc:
+        print(f"error ({exc.code}): {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(report.as_dict()) if args.json else report.render(), file=out)
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def _add_policy_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policy = commands.add_parser(
+        "policy",
+        help="print (or apply) the row-level security DDL of the app's tenant tables",
+        description="Print the RowLevelSecurity DDL of the application, or apply it in one "
+        "transaction as the admin role with --apply.",
+    )
+    add_app_option(policy)
+    policy.add_argument("--apply", action="store_true", help="run it, in one transaction")
+    policy.add_argument("--json", action="store_true", help="print one JSON object")
+    policy.set_defaults(handler=_policy)
+
+
+def _policy(args: argparse.Namespace, out: TextIO) -> int:
+    import asyncio
+
+    from .errors import TenancyError
+    from .sqlalchemy.commands import run_policy
+
+    try:
+        plan = asyncio.run(run_policy(_load_app(args.app), apply=args.apply))
+    except TenancyError as exc:
+        print(f"error ({exc.code}): {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(plan.as_dict()) if args.json else plan.render(), file=out)
+    return EXIT_OK
+
+
 _GROUPS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_sql_group,
     _add_tenants_group,
     _add_migrate_group,
+    _add_audit_group,
+    _add_policy_group,
 )
 
 

@@ -3,6 +3,7 @@
 Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never does.
 """
 
+from .audit import AuditReport, audit, audit_provisioner
 from .binding import TenantBoundSession
 from .config import isolation_from_env, strategy_from_env
 from .database import TenantDatabase
@@ -17,6 +18,7 @@ from .strategy import IsolationStrategy
 
 __all__ = [
     "ALLOW_UNSCOPED",
+    "AuditReport",
     "DatabasePerTenant",
     "EngineCache",
     "Finding",
@@ -29,6 +31,8 @@ __all__ = [
     "TenantDatabase",
     "TenantProvisioner",
     "allow_unscoped",
+    "audit",
+    "audit_provisioner",
     "create_tenants_table",
     "isolation_from_env",
     "strategy_from_env",

@@ -236,18 +236,24 @@ $tenancy$"""
                 hint=findings[0].fix,
             )
 
-    async def check(self, conn: AsyncConnection) -> list[Finding]:
-        """Every finding on the live database, read as the application's role."""
+    async def check(
+        self, conn: AsyncConnection, tables: Sequence[Table] | None = None
+    ) -> list[Finding]:
+        """Every finding on the live database, read as the application's role.
+
+        ``tables`` replaces the metadata's tables (the isolation audit passes the catalog's).
+        """
         findings = await _check_role(conn)
         findings += await self._check_function(conn)
         if self.signed and not findings:
             findings += await self._check_signing(conn)
-        tenant_tables = self.tenant_tables()
-        if self.metadata is not None:
-            findings += _check_unclassified(self.metadata, self.tenant_column, self.shared_tables)
-        for table in tenant_tables:
+        if tables is None:
+            tables = [] if self.metadata is None else self.metadata.sorted_tables
+        findings += _check_unclassified(tables, self.tenant_column, self.shared_tables)
+        checked = [t for t in tables if self.tenant_column in t.c]
+        for table in checked:
             findings += await self._check_table(conn, table)
-        findings += await self._check_unregistered(conn, {_qualified(t) for t in tenant_tables})
+        findings += await self._check_unregistered(conn, {_qualified(t) for t in checked})
         return findings
 
     async def _check_unregistered(self, conn: AsyncConnection, known: set[str]) -> list[Finding]:
@@ -424,32 +430,37 @@ $tenancy$"""
 async def _check_role(conn: AsyncConnection) -> list[Finding]:
     row = (
         await conn.execute(
-            text("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
+            text(
+                "SELECT rolname, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
+            )
         )
     ).one()
+    role = _quote(row.rolname)
     findings = []
     if row.rolsuper:
         findings.append(
             Finding(
                 "R001",
-                "current_user",
+                row.rolname,
                 "the application connects as a superuser, which bypasses every policy",
-                "connect as a role created with NOSUPERUSER",
+                f"ALTER ROLE {role} NOSUPERUSER",
             )
         )
     if row.rolbypassrls:
         findings.append(
             Finding(
                 "R002",
-                "current_user",
+                row.rolname,
                 "the application role has BYPASSRLS",
-                "ALTER ROLE <app role> NOBYPASSRLS",
+                f"ALTER ROLE {role} NOBYPASSRLS",
             )
         )
     return findings
 
 
-def _check_unclassified(metadata: MetaData, column: str, shared: frozenset[str]) -> list[Finding]:
+def _check_unclassified(
+    tables: Iterable[Table], column: str, shared: frozenset[str]
+) -> list[Finding]:
     return [
         Finding(
             "R011",
@@ -457,7 +468,7 @@ def _check_unclassified(metadata: MetaData, column: str, shared: frozenset[str])
             "table has no tenant column and is not declared shared",
             f"add a {column} column, or list it in shared_tables",
         )
-        for table in metadata.sorted_tables
+        for table in tables
         if column not in table.c and table.name not in shared and table.fullname not in shared
     ]
 

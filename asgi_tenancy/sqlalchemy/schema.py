@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..errors import IsolationConfigError, TenancyUnavailable
 from ..tenant import Tenant
 from .rls import Finding
-from .strategy import IsolationStrategy, quote_literal
+from .strategy import IsolationStrategy, quote_ident, quote_literal
 
 if TYPE_CHECKING:
     from .database import TenantDatabase
@@ -336,28 +336,30 @@ class SchemaPerTenant(IsolationStrategy):
         role = (
             await conn.execute(
                 text(
-                    "SELECT rolsuper, has_database_privilege(current_database(), 'TEMPORARY')"
-                    " AS temp FROM pg_roles WHERE rolname = current_user"
+                    "SELECT rolname, rolsuper, current_database() AS db,"
+                    " has_database_privilege(current_database(), 'TEMPORARY') AS temp"
+                    " FROM pg_roles WHERE rolname = current_user"
                 )
             )
         ).one()
+        app = quote_ident(role.rolname)
         if role.rolsuper:
             findings.append(
                 Finding(
                     "S001",
-                    "current_user",
+                    role.rolname,
                     "the application connects as a superuser: every schema is open to it",
-                    "connect as a role created with NOSUPERUSER",
+                    f"ALTER ROLE {app} NOSUPERUSER",
                 )
             )
         if role.temp:
             findings.append(
                 Finding(
                     "S005",
-                    "current_user",
+                    role.rolname,
                     "the application role may create temporary tables, which outlive a "
                     "transaction on a pooled connection and can shadow tenant tables",
-                    "REVOKE TEMPORARY ON DATABASE <db> FROM PUBLIC, <app role>",
+                    f"REVOKE TEMPORARY ON DATABASE {quote_ident(role.db)} FROM PUBLIC, {app}",
                 )
             )
         if self.per_tenant_roles:
@@ -384,15 +386,23 @@ async def _check_shadowing(conn: AsyncConnection, names: Sequence[str]) -> list[
     """A tenant table's name reachable without the binding: through the role's own
     search_path (``$user``, ``public``...) or sitting in ``public``."""
     findings = []
+    who = (await conn.execute(text("SELECT current_user AS role, current_database() AS db"))).one()
     for name in names:
-        found = await conn.scalar(text("SELECT to_regclass(:n)::text"), {"n": f'"{name}"'})
+        found = await conn.scalar(
+            text(
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:n)"
+            ),
+            {"n": f'"{name}"'},
+        )
         if found is not None:
             findings.append(
                 Finding(
                     "S003",
                     str(found),
                     f"tenant table {name!r} resolves through the role's default search_path",
-                    "drop or move it, or ALTER ROLE <app role> SET search_path = ''",
+                    f"ALTER ROLE {quote_ident(who.role)} IN DATABASE {quote_ident(who.db)}"
+                    " SET search_path = ''",
                 )
             )
     in_public = await conn.scalars(
