@@ -1,13 +1,15 @@
 """The ``asgi-tenancy`` command line: one subcommand group per concern.
 
-``asgi-tenancy sql check --tenant ID [tables] "SQL" [--json]`` prints the guarded query or the
-refusal; ``asgi-tenancy tenants list|show|create|suspend|activate|drop`` runs the application's
-``TenantProvisioner``. Groups (``sql``, ``tenants``; ``migrate``, ``policy``, ``audit`` later)
-register themselves in ``_GROUPS``; each stays free to import its own dependencies lazily.
+- ``sql check``: the guarded query for one tenant, or why it is refused;
+- ``tenants list|show|create|suspend|activate|drop``: the application's ``TenantProvisioner``;
+- ``migrate (--all|TENANT)``: Alembic across the shared schema and every tenant;
+- ``audit``: the isolation audit of a live database; ``policy``: print or apply the RLS DDL.
 
-Commands that act on an application's tenants load its ``TenantProvisioner`` from
+Groups register themselves in ``_GROUPS``; each imports its own dependencies lazily. Commands
+that act on an application's tenants load its ``TenantProvisioner`` from
 ``--app module:attribute`` (or ``TENANCY_APP``); the attribute may also be a zero-argument
-callable returning one, so building engines can wait until the command runs.
+callable returning one, so building engines can wait until the command runs. ``--json`` prints
+one JSON object everywhere; exit codes: 0 ok, 1 refused or findings, 2 usage or connection.
 """
 
 from __future__ import annotations
@@ -61,9 +63,14 @@ def load_provisioner(spec: str | None) -> TenantProvisioner:
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like python -m: the working directory's modules
-    target: object = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        target = getattr(target, part)
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError):
+        raise IsolationConfigError(
+            f"--app {spec} cannot be imported", hint="check the module path and attribute name"
+        ) from None
     if callable(target) and not isinstance(target, TenantProvisioner):
         target = target()
     if not isinstance(target, TenantProvisioner):
@@ -193,7 +200,7 @@ def _tenants(args: argparse.Namespace, out: TextIO) -> int:
 
     try:
         provisioner = load_provisioner(args.app)
-    except (TenancyError, ImportError, AttributeError) as exc:
+    except TenancyError as exc:
         return _report_error(args, out, exc, EXIT_USAGE)
     return asyncio.run(_run_tenants(provisioner, args, out))
 
@@ -383,18 +390,6 @@ async def _migrate_async(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_REFUSED
 
 
-def _load_app(spec: str | None) -> TenantProvisioner:
-    """``load_provisioner``, with a module or attribute that is not there as a usage error."""
-    from .errors import IsolationConfigError
-
-    try:
-        return load_provisioner(spec)
-    except (ImportError, AttributeError):
-        raise IsolationConfigError(
-            f"--app {spec} cannot be imported", hint="check the module path and attribute name"
-        ) from None
-
-
 def _add_audit_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = commands.add_parser(
         "audit",
@@ -426,7 +421,7 @@ def _audit(args: argparse.Namespace, out: TextIO) -> int:
     from .sqlalchemy.commands import run_audit
 
     try:
-        provisioner = _load_app(args.app) if args.app else None
+        provisioner = load_provisioner(args.app) if args.app else None
         report = asyncio.run(
             run_audit(
                 url=args.url,
@@ -464,7 +459,7 @@ def _policy(args: argparse.Namespace, out: TextIO) -> int:
     from .sqlalchemy.commands import run_policy
 
     try:
-        plan = asyncio.run(run_policy(_load_app(args.app), apply=args.apply))
+        plan = asyncio.run(run_policy(load_provisioner(args.app), apply=args.apply))
     except TenancyError as exc:
         print(f"error ({exc.code}): {exc}", file=sys.stderr)
         return EXIT_USAGE

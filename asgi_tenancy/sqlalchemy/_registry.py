@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..errors import TenantExists, TenantNotFound
+from ..errors import TenantExists, TenantMigrating, TenantNotFound
 from ..tenant import Tenant, TenantStatus
 from .store import _tenant_from_row
 
@@ -43,6 +43,14 @@ class Registry:
     async def set_status(
         self, conn: AsyncConnection, tenant_id: str, status: TenantStatus
     ) -> Tenant | None:
+        """Set the status; a tenant being migrated is left to the migration (``TenantMigrating``).
+
+        Only the migration runner ends its own mark, so activating cannot lift the 503 of a
+        tenant whose migration is still running (re-running ``migrate`` clears a stale mark).
+        """
+        current = await self.lock(conn, tenant_id)
+        if current.status is TenantStatus.MIGRATING and status is not TenantStatus.SUSPENDED:
+            raise TenantMigrating("the tenant is being migrated; run migrate to finish it")
         row = (
             await conn.execute(
                 sa.update(self.table)

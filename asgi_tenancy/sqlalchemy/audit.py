@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ..errors import IsolationConfigError
 from ..tenant import Tenant
 from .audit_placement import audit_databases, audit_schemas
-from .audit_rls import audit_indexes, audit_policies, audit_views, catalog_tables
+from .audit_rls import audit_indexes, audit_views, catalog_tables
 from .database_per_tenant import DatabasePerTenant
 from .query_scoping import QueryScoping
 from .rls import Finding, RowLevelSecurity
@@ -178,7 +178,6 @@ async def _audit(
             tables = await catalog_tables(conn, app_role, schemas, rls, shared)
             tenant_tables = [t for t in tables if rls.tenant_column in t.c]
             inspected = [t.fullname for t in [*rls.tenant_tables(), *tenant_tables]]
-            findings += await audit_policies(conn, app_role, rls, tables)
             findings += await audit_indexes(conn, rls, tables)
             findings += await audit_views(conn, app_role, rls, tables)
             async with _as_role(conn, app_role):

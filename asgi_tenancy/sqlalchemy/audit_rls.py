@@ -74,8 +74,8 @@ async def audit_policies(
 ) -> list[Finding]:
     """A002-A004: each permissive policy that applies to the role must confine to the tenant,
     reading it once per statement. Restrictive policies only narrow, so they pass."""
-    tenant_tables = [t for t in tables if rls.tenant_column in t.c]
-    tenant_tables += rls.tenant_tables()
+    unique = {_qualified(t): t for t in [*tables, *rls.tenant_tables()]}
+    tenant_tables = [t for t in unique.values() if rls.tenant_column in t.c]
     if not tenant_tables:
         return []
     ids = (

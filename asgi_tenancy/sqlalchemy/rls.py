@@ -254,7 +254,21 @@ $tenancy$"""
         for table in checked:
             findings += await self._check_table(conn, table)
         findings += await self._check_unregistered(conn, {_qualified(t) for t in checked})
+        findings += await self._check_policies(conn, checked)
         return findings
+
+    async def _check_policies(
+        self, conn: AsyncConnection, tables: Sequence[Table]
+    ) -> list[Finding]:
+        """A002-A004: every permissive policy that applies to this role confines to the tenant.
+
+        Permissive policies are ORed, so one ``USING (true)`` beside ours opens the table; the
+        judgement (from the parsed policy expressions) is shared with the isolation audit.
+        """
+        from .audit_rls import audit_policies
+
+        role = str(await conn.scalar(text("SELECT current_user")))
+        return await audit_policies(conn, role, self, tables)
 
     async def _check_unregistered(self, conn: AsyncConnection, known: set[str]) -> list[Finding]:
         """Tables the app role can reach that have the tenant column but no forced RLS.
@@ -349,6 +363,21 @@ $tenancy$"""
             )
             return findings
         pid = int(await conn.scalar(text("SELECT pg_backend_pid()")) or 0)
+        raw = await conn.get_raw_connection()
+        get_pid = getattr(raw.driver_connection, "get_server_pid", None)
+        if get_pid is not None and int(get_pid()) != pid:
+            # The process id the driver signs for is not the server's: a proxy such as
+            # PgBouncer sits in between, and in transaction mode every signed query would fail.
+            findings.append(
+                Finding(
+                    "R017",
+                    "connection",
+                    "the driver's server process id is not the backend's (a pooling proxy?)",
+                    "connect the signed binding directly or through session pooling,"
+                    " or use signed=False behind transaction pooling",
+                )
+            )
+            return findings
         probe = Tenant("tenancy-validate-probe")
         try:
             async with conn.begin_nested():
@@ -412,17 +441,6 @@ $tenancy$"""
             if policy.polcmd in ("*", "a", "w") and not policy.has_check:
                 findings.append(
                     Finding("R007", name, f"policy {policy.polname} has no WITH CHECK", fix)
-                )
-            if policy.polpermissive and policy.polname != POLICY_NAME:
-                # Permissive policies are ORed: any other one can only widen what a tenant sees.
-                findings.append(
-                    Finding(
-                        "R016",
-                        name,
-                        f"permissive policy {policy.polname} widens the tenant policy",
-                        f"DROP POLICY {_quote(policy.polname)} ON {name}, or re-create it"
-                        " AS RESTRICTIVE",
-                    )
                 )
         return findings
 

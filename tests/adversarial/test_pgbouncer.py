@@ -21,7 +21,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from asgi_tenancy import Tenant, tenant_scope
+from asgi_tenancy import IsolationConfigError, Tenant, tenant_scope
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
 from tests.adversarial import pgbouncer as bouncer
 from tests.adversarial import test_rls as rls_cases
@@ -48,7 +48,7 @@ Case = Callable[..., Awaitable[None]]
 
 
 async def _database(
-    pgb: bouncer.PgBouncer, name: str, strategy: Any, clients: int = CLIENTS
+    pgb: bouncer.PgBouncer, name: str, strategy: Any, clients: int = CLIENTS, validate: bool = True
 ) -> TenantDatabase:
     database = TenantDatabase(
         pgb.url(name, password=APP_PASSWORD),
@@ -59,7 +59,12 @@ async def _database(
             "connect_args": dict(bouncer.CONNECT_ARGS),
         },
     )
-    await database.validate()
+    if validate:
+        try:
+            await database.validate()
+        except BaseException:
+            await database.dispose()
+            raise
     return database
 
 
@@ -250,7 +255,10 @@ async def test_signed_binding_fails_closed_behind_transaction_pooling(
         signed=True,
         signing_keys=[SIGNING_KEY],
     )
-    database = await _database(pgbouncer, signed_database.name, strategy)
+    with pytest.raises(IsolationConfigError, match="R017"):  # refused at start-up...
+        await _database(pgbouncer, signed_database.name, strategy)
+    database = await _database(pgbouncer, signed_database.name, strategy, validate=False)
+    database._validated = True  # ...and, were the gate forced open, every query fails closed
     admin = create_async_engine(signed_database.admin_url)
     seen: list[str] = []
     errors: list[BaseException] = []

@@ -405,7 +405,7 @@ async def test_validate_refuses_each_unsafe_set_up(
         ("R005", "bad_unforced"),
         ("R007", "bad_nocheck"),
         ("R006", "bad_nopolicy"),
-        ("R016", "bad_permissive"),
+        ("A002", "bad_permissive"),
         ("R015", "public.bad_unlisted"),
     ):
         assert f"[{code}] {table}" in message

@@ -23,6 +23,7 @@ from asgi_tenancy import (
     InvalidTenantIdentifier,
     IsolationConfigError,
     TenantExists,
+    TenantMigrating,
     TenantNotFound,
     TenantStatus,
     tenant_scope,
@@ -515,3 +516,19 @@ def test_configuration_is_checked_at_construction(provision: Provision) -> None:
         provision(_schemas(), metadata=MetaData())  # SchemaPerTenant brings its own
     with pytest.raises(IsolationConfigError):
         provision(DatabasePerTenant(), database_naming="fixed")
+
+
+async def test_activate_leaves_a_migrating_tenant_to_its_migration(
+    provision: Provision, lifecycle_admin: AsyncEngine
+) -> None:
+    provisioner = provision(RowLevelSecurity())
+    tenant = await provisioner.create_tenant(_id())
+    async with lifecycle_admin.begin() as conn:
+        await conn.execute(
+            text("UPDATE public.tenants SET status = 'migrating' WHERE id = :id"), {"id": tenant.id}
+        )
+    with pytest.raises(TenantMigrating):
+        await provisioner.activate(tenant.id)  # would lift the 503 mid-migration
+    assert (await _row(lifecycle_admin, tenant.id)).status == "migrating"
+    assert (await provisioner.suspend(tenant.id)).status is TenantStatus.SUSPENDED
+    assert (await _row(lifecycle_admin, tenant.id)).status == "suspended"
