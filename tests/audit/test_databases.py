@@ -66,8 +66,13 @@ async def test_two_tenants_on_one_database_are_d002(
     same_url = [_tenant("acme", db.app_url), _tenant("globex", db.app_url)]
     assert (await _audit(audit_db, *same_url)).codes() == {("D002", db.name)}
     # The same database through another spelling of the URL is caught by its identity.
-    other_user = make_url(db.admin_url).render_as_string(hide_password=False)
-    spelled = [_tenant("acme", db.app_url), _tenant("globex", other_user + "&")]
+    alias = make_url(db.admin_url)  # another user, and the server spelled another way
+    if "host" in alias.query:  # a Unix socket: the same directory, with a trailing slash
+        alias = alias.update_query_dict({"host": str(alias.query["host"]) + "/"})
+    else:  # TCP: the same server by another name
+        alias = alias.set(host="localhost" if alias.host == "127.0.0.1" else "127.0.0.1")
+    other_spelling = alias.render_as_string(hide_password=False)
+    spelled = [_tenant("acme", db.app_url), _tenant("globex", other_spelling)]
     codes = (await _audit(audit_db, *spelled)).codes()
     assert ("D002", db.name) in codes
 
