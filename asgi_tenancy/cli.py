@@ -138,8 +138,7 @@ def _sql_check(args: argparse.Namespace, out: TextIO) -> int:
             print(f"refused ({exc.reason}): {exc.message}{hint}", file=out)
         return EXIT_REFUSED
     except TenancyError as exc:
-        print(f"error ({exc.code}): {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report_error(args, out, exc, EXIT_USAGE)
     if args.json:
         body = {
             "ok": True,
@@ -356,8 +355,7 @@ def _migrate(args: argparse.Namespace, out: TextIO) -> int:
     try:
         return asyncio.run(_migrate_async(args, out))
     except TenancyError as exc:
-        print(f"error ({exc.code}): {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report_error(args, out, exc, EXIT_USAGE)
     except Exception as exc:  # the registry unreachable, a broken script directory...
         # One line without credentials, not a traceback that may print a DSN.
         print(f"error: {describe_error(exc)}", file=sys.stderr)
@@ -433,8 +431,7 @@ def _audit(args: argparse.Namespace, out: TextIO) -> int:
             )
         )
     except TenancyError as exc:
-        print(f"error ({exc.code}): {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report_error(args, out, exc, EXIT_USAGE)
     print(json.dumps(report.as_dict()) if args.json else report.render(), file=out)
     return EXIT_OK if report.ok else EXIT_REFUSED
 
@@ -461,8 +458,7 @@ def _policy(args: argparse.Namespace, out: TextIO) -> int:
     try:
         plan = asyncio.run(run_policy(load_provisioner(args.app), apply=args.apply))
     except TenancyError as exc:
-        print(f"error ({exc.code}): {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report_error(args, out, exc, EXIT_USAGE)
     print(json.dumps(plan.as_dict()) if args.json else plan.render(), file=out)
     return EXIT_OK
 

@@ -20,12 +20,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from .errors import (
-    InvalidTenantIdentifier,
-    IsolationConfigError,
-    TenantContextError,
-    TenantNotFound,
-)
+from ._keys import secret_keys
+from .errors import InvalidTenantIdentifier, TenantContextError, TenantNotFound
 from .tenant import Tenant, validate_tenant_id
 
 if TYPE_CHECKING:
@@ -186,20 +182,10 @@ def in_central_scope() -> bool:
 
 
 SnapshotKeys = bytes | str | Sequence[bytes | str]
-_MIN_KEY_BYTES = 32
 
 
 def _snapshot_keys(keys: SnapshotKeys | None) -> list[bytes]:
-    if keys is None:
-        return []
-    listed = [keys] if isinstance(keys, bytes | str) else list(keys)
-    encoded = [k.encode() if isinstance(k, str) else k for k in listed]
-    if not encoded or any(not isinstance(k, bytes) or len(k) < _MIN_KEY_BYTES for k in encoded):
-        raise IsolationConfigError(
-            f"snapshot keys must be at least {_MIN_KEY_BYTES} bytes",
-            hint="generate one with secrets.token_bytes(32) and keep it out of the code",
-        )
-    return encoded
+    return [] if keys is None else secret_keys(keys, what="snapshot")
 
 
 def _snapshot_mac(key: bytes, tenant_id: str) -> str:

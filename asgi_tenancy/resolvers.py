@@ -20,6 +20,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from ._asgi import route_path
+from ._keys import MIN_KEY_BYTES
 from .errors import (
     InvalidTenantIdentifier,
     InvalidToken,
@@ -51,7 +52,6 @@ _ASYMMETRIC_ALGORITHMS = frozenset(
         "ES256", "ES256K", "ES384", "ES512", "EdDSA",
     }
 )  # fmt: skip
-_MIN_HMAC_KEY_BYTES = 32
 
 
 @runtime_checkable
@@ -347,8 +347,8 @@ def _check_algorithms(algorithms: Sequence[str]) -> tuple[str, ...]:
 def _prepare_key(jwt: Any, algorithms: tuple[str, ...], key: Any) -> Any:
     if algorithms[0] in _HMAC_ALGORITHMS:
         raw = key.encode() if isinstance(key, str) else key
-        if not isinstance(raw, bytes) or len(raw) < _MIN_HMAC_KEY_BYTES:
-            raise IsolationConfigError(f"an HMAC key needs at least {_MIN_HMAC_KEY_BYTES} bytes")
+        if not isinstance(raw, bytes) or len(raw) < MIN_KEY_BYTES:
+            raise IsolationConfigError(f"an HMAC key needs at least {MIN_KEY_BYTES} bytes")
         if raw.lstrip().startswith(b"-----BEGIN") or raw.startswith(b"ssh-"):
             raise IsolationConfigError("a PEM or SSH key is not an HMAC secret")
         return raw

@@ -180,10 +180,11 @@ async def _audit(
             inspected = [t.fullname for t in [*rls.tenant_tables(), *tenant_tables]]
             findings += await audit_indexes(conn, rls, tables)
             findings += await audit_views(conn, app_role, rls, tables)
+            # One pass of the strategy's own checks over its metadata and what the catalog adds
+            # (catalog_tables leaves out the tables the metadata already names).
+            own = [] if rls.metadata is None else rls.metadata.sorted_tables
             async with _as_role(conn, app_role):
-                if strategy is not None:
-                    findings += await strategy.check(conn)
-                findings += await rls.check(conn, tables)
+                findings += await rls.check(conn, [*own, *tables])
         elif isinstance(strategy, SchemaPerTenant):
             inspected = [t.name for t in strategy.tenant_tables()]
             findings += await audit_schemas(conn, strategy, tenants, app_role, registry)

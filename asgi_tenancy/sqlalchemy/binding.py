@@ -24,11 +24,12 @@ import re
 import weakref
 from typing import Any
 
-from sqlalchemy import event, exc, inspect
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.engine.cursor import _DEFAULT_FETCH, BufferedRowCursorFetchStrategy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from ..context import current_tenant_or_none
@@ -116,7 +117,7 @@ class TenantBoundSession(Session):
 
 
 def _check_owner(session: Session, instance: Any) -> None:
-    owner = inspect(instance).info.get(TENANT_KEY)
+    owner = instance_state(instance).info.get(TENANT_KEY)
     if owner is not None and owner != session.info.get(TENANT_KEY):
         raise SessionTenantMismatch("this object was loaded for another tenant")
 
@@ -124,7 +125,7 @@ def _check_owner(session: Session, instance: Any) -> None:
 @event.listens_for(TenantBoundSession, "loaded_as_persistent")
 @event.listens_for(TenantBoundSession, "pending_to_persistent")
 def _stamp_owner(session: Session, instance: Any) -> None:
-    inspect(instance).info[TENANT_KEY] = session.info[TENANT_KEY]
+    instance_state(instance).info[TENANT_KEY] = session.info[TENANT_KEY]
 
 
 event.listen(TenantBoundSession, "before_attach", _check_owner)

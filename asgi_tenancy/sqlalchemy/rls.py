@@ -19,6 +19,7 @@ from sqlalchemy import MetaData, Table, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
+from .._keys import secret_keys
 from ..errors import IsolationConfigError
 from ..tenant import Tenant
 from .criteria import CRITERIA_KEY, TenantCriteria
@@ -506,18 +507,15 @@ def _key_id(key: bytes) -> str:
 
 
 def _signing_keys(signed: bool, keys: Sequence[str | bytes]) -> list[bytes]:
-    raw = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
     if not signed:
-        if raw:
+        if keys:
             raise IsolationConfigError("signing_keys given but signed=False")
         return []
-    if not raw:
+    if not keys:
         raise IsolationConfigError(
             "signed=True needs signing_keys", hint="e.g. [os.environ['TENANCY_BINDING_KEY']]"
         )
-    if any(len(k) < 32 for k in raw):
-        raise IsolationConfigError("each signing key needs at least 32 bytes")
-    return raw
+    return secret_keys(keys, what="signing")
 
 
 def _qualified(table: Table) -> str:
