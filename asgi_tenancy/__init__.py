@@ -1,59 +1,51 @@
 """asgi-tenancy: fail-closed multi-tenancy for ASGI applications.
 
-Importing this package loads neither SQLAlchemy, a database driver nor FastAPI: the data layer
-lives in ``asgi_tenancy.sqlalchemy`` and the FastAPI glue in ``asgi_tenancy.fastapi``.
+Importing this package loads neither SQLAlchemy, a database driver nor FastAPI: the request
+path's data layer lives in ``asgi_tenancy.sqlalchemy``, operations (provisioning, migrations,
+the audit) in ``asgi_tenancy.operations``, the FastAPI glue in ``asgi_tenancy.fastapi`` and the
+SQL guard in ``asgi_tenancy.sqlguard``. Every error type is in ``asgi_tenancy.errors``; the
+ones an application handles most are re-exported here.
 """
 
 from .context import (
-    bind_context,
     capture,
     central_scope,
     current_tenant,
     current_tenant_or_none,
-    in_central_scope,
     restore,
-    run_in_thread,
     tenant_scope,
 )
 from .errors import (
-    ConfirmationRequired,
     InvalidTenantIdentifier,
     InvalidToken,
     IsolationConfigError,
     SessionTenantMismatch,
     TenancyError,
     TenancyUnavailable,
-    TenantCapacityExceeded,
     TenantConflict,
     TenantContextError,
-    TenantExists,
-    TenantMigrating,
     TenantNotFound,
-    TenantStoreContractError,
     TenantStoreUnavailable,
     UnsafeQuery,
 )
 from .log import TenantLogFilter
-from .middleware import Authorize, TenancyMiddleware
+from .middleware import TenancyMiddleware
 from .resolvers import (
     ChainPolicy,
     HeaderResolver,
     JWTClaimResolver,
     PathResolver,
     Resolver,
-    ResolverChain,
     SubdomainResolver,
 )
-from .store import CachedTenantStore, InMemoryTenantStore, TenantStore, check_record, load_tenant
-from .tenant import Tenant, TenantStatus, validate_tenant_id
+from .store import CachedTenantStore, InMemoryTenantStore, TenantStore
+from .tenant import Tenant, TenantStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Authorize",
     "CachedTenantStore",
     "ChainPolicy",
-    "ConfirmationRequired",
     "HeaderResolver",
     "InMemoryTenantStore",
     "InvalidTenantIdentifier",
@@ -62,36 +54,25 @@ __all__ = [
     "JWTClaimResolver",
     "PathResolver",
     "Resolver",
-    "ResolverChain",
     "SessionTenantMismatch",
     "SubdomainResolver",
     "TenancyError",
     "TenancyMiddleware",
     "TenancyUnavailable",
     "Tenant",
-    "TenantCapacityExceeded",
     "TenantConflict",
     "TenantContextError",
-    "TenantExists",
     "TenantLogFilter",
-    "TenantMigrating",
     "TenantNotFound",
     "TenantStatus",
     "TenantStore",
-    "TenantStoreContractError",
     "TenantStoreUnavailable",
     "UnsafeQuery",
     "__version__",
-    "bind_context",
     "capture",
     "central_scope",
-    "check_record",
     "current_tenant",
     "current_tenant_or_none",
-    "in_central_scope",
-    "load_tenant",
     "restore",
-    "run_in_thread",
     "tenant_scope",
-    "validate_tenant_id",
 ]

@@ -2,6 +2,7 @@
 
 - ``sql check``: the guarded query for one tenant, or why it is refused;
 - ``tenants list|show|create|suspend|activate|drop``: the application's ``TenantProvisioner``;
+- ``tenants move TENANT --to NODE``: a row-mode tenant to another Citus node, while it serves;
 - ``migrate (--all|TENANT)``: Alembic across the shared schema and every tenant;
 - ``audit``: the isolation audit of a live database; ``policy``: print or apply the RLS DDL.
 
@@ -10,21 +11,23 @@ that act on an application's tenants load its ``TenantProvisioner`` from
 ``--app module:attribute`` (or ``TENANCY_APP``); the attribute may also be a zero-argument
 callable returning one, so building engines can wait until the command runs. ``--json`` prints
 one JSON object everywhere; exit codes: 0 ok, 1 refused or findings, 2 usage or connection.
+Every usage or connection error is one line on stderr (two with a hint), never a traceback:
+``main`` is the one boundary where whatever a command raised becomes that line.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
-import importlib
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 if TYPE_CHECKING:
-    from .sqlalchemy.provisioning import TenantProvisioner
+    from .operations.provisioning import TenantProvisioner
     from .tenant import Tenant
 
 __all__ = ["build_parser", "main"]
@@ -34,7 +37,15 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
-APP_ENV_VAR = "TENANCY_APP"
+CATALOG_STRATEGIES = ("row", "schema", "database")  # asgi_tenancy.operations.audit's too
+APP_ENV_VAR = "TENANCY_APP"  # also read by asgi_tenancy.operations.commands
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_app_option(parser: argparse.ArgumentParser) -> None:
@@ -49,35 +60,9 @@ def add_app_option(parser: argparse.ArgumentParser) -> None:
 
 def load_provisioner(spec: str | None) -> TenantProvisioner:
     """Import ``module:attribute`` and return the ``TenantProvisioner`` it names (or builds)."""
-    from .errors import IsolationConfigError
-    from .sqlalchemy.provisioning import TenantProvisioner
+    from .operations.commands import load_provisioner as load
 
-    if not spec:
-        raise IsolationConfigError(
-            "no application given", hint=f"pass --app module:attribute or set {APP_ENV_VAR}"
-        )
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise IsolationConfigError(
-            "--app must look like module:attribute", hint="e.g. --app myapp.tenancy:provisioner"
-        )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like python -m: the working directory's modules
-    try:
-        target: object = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError):
-        raise IsolationConfigError(
-            f"--app {spec} cannot be imported", hint="check the module path and attribute name"
-        ) from None
-    if callable(target) and not isinstance(target, TenantProvisioner):
-        target = target()
-    if not isinstance(target, TenantProvisioner):
-        raise IsolationConfigError(
-            f"{spec} is not a TenantProvisioner", hint="point --app at a TenantProvisioner"
-        )
-    return target
+    return load(spec)
 
 
 def _table_option(value: str) -> tuple[str, str | None]:
@@ -106,10 +91,21 @@ def _add_sql_group(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="a tenant table and its tenant column (default: --tenant-column); repeatable",
     )
     check.add_argument(
-        "--shared-table", action="append", default=[], metavar="NAME", help="repeatable"
+        "--shared-table",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a table every tenant may read, unfiltered; repeatable",
     )
-    check.add_argument("--tenant-column", default="tenant_id")
-    check.add_argument("--schema", default="public", help="allowed schema ('' for none)")
+    check.add_argument(
+        "--tenant-column",
+        default="tenant_id",
+        metavar="COLUMN",
+        help="the tenant column of tenant tables given without one (default: tenant_id)",
+    )
+    check.add_argument(
+        "--schema", default="public", help="the one schema queries may name ('' for none)"
+    )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(handler=_sql_check)
 
@@ -190,57 +186,107 @@ def _add_tenants_group(commands: argparse._SubParsersAction[argparse.ArgumentPar
         action.add_argument("--json", action="store_true", help="print one JSON object")
         add_app_option(action)
         action.set_defaults(handler=_tenants)
+    move = actions.add_parser(
+        "move",
+        help="move a row-mode tenant to another Citus node (it keeps serving)",
+        description="Isolate the tenant to a shard of its own, then move that shard group to "
+        "NODE, reporting each step; the tenant serves reads and writes meanwhile.",
+    )
+    move.add_argument("tenant_id", metavar="ID", help="the tenant identifier")
+    move.add_argument("--to", required=True, metavar="NODE", help="host:port or a node id")
+    move.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    move.add_argument("--json", action="store_true", help="print one JSON object")
+    add_app_option(move)
+    move.set_defaults(handler=_move)
 
 
-def _tenants(args: argparse.Namespace, out: TextIO) -> int:
-    import asyncio
-
+def _move(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import TenancyError
 
     try:
         provisioner = load_provisioner(args.app)
     except TenancyError as exc:
         return _report_error(args, out, exc, EXIT_USAGE)
-    return asyncio.run(_run_tenants(provisioner, args, out))
+    return asyncio.run(_run_move(provisioner, args, out))
 
 
-async def _run_tenants(
-    provisioner: TenantProvisioner, args: argparse.Namespace, out: TextIO
-) -> int:
-    from .errors import ConfirmationRequired, InvalidTenantIdentifier, TenancyError, TenantNotFound
+async def _run_move(provisioner: TenantProvisioner, args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import InvalidTenantIdentifier, IsolationConfigError, TenancyError
+    from .sqlalchemy.citus.move import move_tenant
+    from .sqlalchemy.rls.strategy import RowLevelSecurity
 
+    strategy = provisioner.strategy
     try:
-        if args.action == "list":
-            tenants = await provisioner.list_tenants()
-            _print(args, out, {"tenants": [_tenant_json(t) for t in tenants]}, tenants)
-            return EXIT_OK
-        tenant: Tenant | None
-        if args.action == "show":
-            tenant = await provisioner.get(args.tenant_id)
-            if tenant is None:
-                raise TenantNotFound()
-        elif args.action == "create":
-            tenant = await provisioner.create_tenant(args.tenant_id, dict(args.attr))
-        elif args.action == "suspend":
-            tenant = await provisioner.suspend(args.tenant_id)
-        elif args.action == "activate":
-            tenant = await provisioner.activate(args.tenant_id)
-        else:
-            try:
-                await provisioner.drop_tenant(args.tenant_id, confirm=args.yes)
-            except ConfirmationRequired as exc:
-                raise ConfirmationRequired(exc.message, hint="pass --yes") from None
-            _print(args, out, {"dropped": args.tenant_id}, f"dropped {args.tenant_id}")
-            return EXIT_OK
-        _print(args, out, {"tenant": _tenant_json(tenant)}, [tenant])
-        return EXIT_OK
+        if not isinstance(strategy, RowLevelSecurity):
+            raise IsolationConfigError(
+                "tenants move supports row mode on Citus only: RowLevelSecurity(citus=True)",
+                hint="docs/scale-out.md",
+            )
+        progress = None if args.json else (lambda step: print(step, file=out, flush=True))
+        moved = await move_tenant(
+            provisioner.admin_engine,
+            strategy,
+            args.tenant_id,
+            args.to,
+            dry_run=args.dry_run,
+            progress=progress,
+        )
     except InvalidTenantIdentifier as exc:
         return _report_error(args, out, exc, EXIT_USAGE)
     except TenancyError as exc:
         return _report_error(args, out, exc, EXIT_REFUSED)
     finally:
-        await provisioner.strategy.dispose()
-        await provisioner.dispose()
+        await provisioner.admin_engine.dispose()
+        await strategy.dispose()
+    if args.json:
+        print(json.dumps({"ok": True, "move": moved.as_dict()}), file=out)
+    elif moved.dry_run:
+        print(f"would move {moved.tenant_id} from {moved.source} to {moved.target}:", file=out)
+        for statement in moved.statements:
+            print(f"  {statement}", file=out)
+    else:
+        print(
+            f"moved {moved.tenant_id} from {moved.source} to {moved.target} in"
+            f" {moved.seconds} s; rows {dict(moved.rows_after)}",
+            file=out,
+        )
+    return EXIT_OK
+
+
+def _tenants(args: argparse.Namespace, out: TextIO) -> int:
+    return asyncio.run(_run_tenants(load_provisioner(args.app), args, out))
+
+
+async def _run_tenants(
+    provisioner: TenantProvisioner, args: argparse.Namespace, out: TextIO
+) -> int:
+    from .errors import (
+        InvalidTenantIdentifier,
+        IsolationConfigError,
+        TenancyError,
+        TenancyUnavailable,
+    )
+    from .operations.commands import run_tenants
+
+    try:
+        shown = await run_tenants(
+            provisioner,
+            args.action,
+            getattr(args, "tenant_id", None),
+            attributes=dict(getattr(args, "attr", ())),
+            confirm=getattr(args, "yes", False),
+        )
+    except (InvalidTenantIdentifier, IsolationConfigError, TenancyUnavailable) as exc:
+        return _report_error(args, out, exc, EXIT_USAGE)
+    except TenancyError as exc:
+        return _report_error(args, out, exc, EXIT_REFUSED)
+    if args.action == "list":
+        _print(args, out, {"tenants": [_tenant_json(t) for t in shown]}, shown)
+    elif args.action == "drop":
+        _print(args, out, {"dropped": args.tenant_id}, f"dropped {args.tenant_id}")
+    else:
+        _print(args, out, {"tenant": _tenant_json(shown[0])}, shown)
+    return EXIT_OK
 
 
 def _tenant_json(tenant: Tenant) -> dict[str, object]:
@@ -284,7 +330,8 @@ def _report_error(args: argparse.Namespace, out: TextIO, exc: Exception, status:
     if args.json:
         print(json.dumps({"ok": False, "code": code, "message": message, "hint": hint}), file=out)
     else:
-        print(f"error ({code}): {message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+        # One line, the hint after a semicolon: a log or a CI summary keeps it whole.
+        print(f"error ({code}): {message}" + (f"; hint: {hint}" if hint else ""), file=sys.stderr)
     return status
 
 
@@ -302,8 +349,14 @@ def _add_migrate_group(commands: argparse._SubParsersAction[argparse.ArgumentPar
     which.add_argument(
         "--print-env-template", action="store_true", help="print the env.py to copy and exit"
     )
-    migrate.add_argument("--config", default="alembic.ini", help="the Alembic ini file")
-    migrate.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    migrate.add_argument(
+        "--config", default="alembic.ini", help="the Alembic ini file (default: alembic.ini)"
+    )
+    migrate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="report what would run and what would fail (exit 1 if any would); change nothing",
+    )
     migrate.add_argument(
         "--canary", type=_positive, default=0, metavar="N", help="migrate N first, stop on failure"
     )
@@ -341,48 +394,32 @@ def _positive(value: str) -> int:
 
 
 def _migrate(args: argparse.Namespace, out: TextIO) -> int:
-    from .errors import TenancyError
-
     if args.print_env_template:
         from .sqlalchemy.migrations import env_template
 
         out.write(env_template())
         return EXIT_OK
-    import asyncio
-
-    from .sqlalchemy.migrations import describe_error
-
-    try:
-        return asyncio.run(_migrate_async(args, out))
-    except TenancyError as exc:
-        return _report_error(args, out, exc, EXIT_USAGE)
-    except Exception as exc:  # the registry unreachable, a broken script directory...
-        # One line without credentials, not a traceback that may print a DSN.
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+    return asyncio.run(_migrate_async(args, out))
 
 
 async def _migrate_async(args: argparse.Namespace, out: TextIO) -> int:
-    from ._progress import progress_for
-    from .sqlalchemy.migrations import migrate_tenants
+    from .operations.commands import run_migrate
+    from .operations.progress import progress_for
 
     provisioner = load_provisioner(args.app)
-    try:
-        progress = progress_for(sys.stderr if args.json else out, json_output=args.json)
-        report = await migrate_tenants(
-            provisioner,
-            args.config,
-            tenants=None if args.all else [args.tenant],
-            concurrency=args.concurrency,
-            canary=args.canary,
-            dry_run=args.dry_run,
-            observer=progress,
-            lock_timeout=args.lock_timeout,
-            adopt=args.adopt,
-        )
-        progress.close(report)
-    finally:
-        await provisioner.admin_engine.dispose()
+    progress = progress_for(sys.stderr if args.json else out, json_output=args.json)
+    report = await run_migrate(
+        provisioner,
+        args.config,
+        tenants=None if args.all else [args.tenant],
+        concurrency=args.concurrency,
+        canary=args.canary,
+        dry_run=args.dry_run,
+        observer=progress,
+        lock_timeout=args.lock_timeout,
+        adopt=args.adopt,
+    )
+    progress.close(report)
     if args.json:
         print(report.to_json(), file=out)
     return EXIT_OK if report.ok else EXIT_REFUSED
@@ -399,9 +436,31 @@ def _add_audit_group(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "url", nargs="?", metavar="DATABASE_URL", help="catalog-only audit of this database"
     )
     add_app_option(audit)
-    audit.add_argument("--app-role", help="the role the application connects as")
-    audit.add_argument("--tenant-column", default="tenant_id")
-    audit.add_argument("--shared", action="append", default=[], metavar="TABLE", help="repeatable")
+    audit.add_argument(
+        "--app-role",
+        metavar="ROLE",
+        help="the role the application connects as (default: the URL's own role)",
+    )
+    audit.add_argument(
+        "--strategy",
+        choices=CATALOG_STRATEGIES,
+        default=None,
+        help="how the catalog-only audit reads the database: row-level security (default), "
+        "a schema per tenant, or a database per tenant",
+    )
+    audit.add_argument(
+        "--tenant-column",
+        default="tenant_id",
+        metavar="COLUMN",
+        help="row: a table with this column is a tenant table (default: tenant_id)",
+    )
+    audit.add_argument(
+        "--shared",
+        action="append",
+        default=[],
+        metavar="TABLE",
+        help="row: a table shared by every tenant, not judged as a tenant table; repeatable",
+    )
     audit.add_argument(
         "--schema",
         action="append",
@@ -413,25 +472,20 @@ def _add_audit_group(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _audit(args: argparse.Namespace, out: TextIO) -> int:
-    import asyncio
+    from .operations.commands import run_audit
 
-    from .errors import TenancyError
-    from .sqlalchemy.commands import run_audit
-
-    try:
-        provisioner = load_provisioner(args.app) if args.app else None
-        report = asyncio.run(
-            run_audit(
-                url=args.url,
-                provisioner=provisioner,
-                app_role=args.app_role,
-                tenant_column=args.tenant_column,
-                shared_tables=args.shared,
-                schemas=args.schema,
-            )
+    provisioner = load_provisioner(args.app) if args.app else None
+    report = asyncio.run(
+        run_audit(
+            url=args.url,
+            provisioner=provisioner,
+            app_role=args.app_role,
+            strategy=args.strategy,
+            tenant_column=args.tenant_column,
+            shared_tables=args.shared,
+            schemas=args.schema,
         )
-    except TenancyError as exc:
-        return _report_error(args, out, exc, EXIT_USAGE)
+    )
     print(json.dumps(report.as_dict()) if args.json else report.render(), file=out)
     return EXIT_OK if report.ok else EXIT_REFUSED
 
@@ -450,15 +504,9 @@ def _add_policy_group(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _policy(args: argparse.Namespace, out: TextIO) -> int:
-    import asyncio
+    from .operations.commands import run_policy
 
-    from .errors import TenancyError
-    from .sqlalchemy.commands import run_policy
-
-    try:
-        plan = asyncio.run(run_policy(load_provisioner(args.app), apply=args.apply))
-    except TenancyError as exc:
-        return _report_error(args, out, exc, EXIT_USAGE)
+    plan = asyncio.run(run_policy(load_provisioner(args.app), apply=args.apply))
     print(json.dumps(plan.as_dict()) if args.json else plan.render(), file=out)
     return EXIT_OK
 
@@ -473,8 +521,16 @@ _GROUPS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser: argparse.ArgumentParser = _Parser(
         prog="asgi-tenancy", description="Tools for asgi-tenancy applications."
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"asgi-tenancy {__version__}",
+        help="print the version and exit",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_group in _GROUPS:
@@ -483,10 +539,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 refused, 2 usage)."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 1 refused, 2 usage or connection).
+
+    The one boundary: a ``TenancyError`` a command did not answer itself, or anything else it
+    raised (a driver error, a module ``--app`` names failing to import), becomes one line on
+    stderr and exit 2; a driver's message is never shown (it may carry the URL).
+    """
+    from .errors import TenancyError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.handler
-    return handler(args, out or sys.stdout)
+    try:
+        return handler(args, out or sys.stdout)
+    except TenancyError as exc:
+        return _report_error(args, out or sys.stdout, exc, EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        return _report_error(args, out or sys.stdout, _failure(exc), EXIT_USAGE)
+
+
+def _failure(exc: Exception) -> Exception:
+    """A connection failure as ``DatabaseUnavailable`` (its type, never the driver's text,
+    which names the host); anything else by its description, credentials removed."""
+    from .errors import DatabaseUnavailable
+    from .sqlalchemy.failures import describe, translate
+
+    translated = translate(exc)
+    if isinstance(exc, OSError) or isinstance(translated, DatabaseUnavailable):
+        return DatabaseUnavailable(
+            f"the database cannot be reached ({type(exc).__name__})",
+            hint="check the host, port, database name and credentials",
+        )
+    return translated if translated is not None else _Failure(describe(exc))
+
+
+class _Failure(Exception):
+    """What ``main`` reports for an error that is no ``TenancyError``: its description."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 if __name__ == "__main__":  # pragma: no cover

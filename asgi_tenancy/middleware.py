@@ -11,8 +11,8 @@ from typing import Any, TypeAlias
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._asgi import reject, route_path
-from .context import tenant_scope
+from ._asgi import MIDDLEWARE_SCOPE_KEY, lifespan_through_middleware, reject, route_path
+from .context import enter_request, exit_request
 from .errors import (
     IsolationConfigError,
     TenancyError,
@@ -21,7 +21,7 @@ from .errors import (
     TenantNotFound,
 )
 from .resolvers import ChainPolicy, Resolver, ResolverChain
-from .store import TenantStore, load_tenant
+from .store import MISS, CachedTenantStore, TenantStore, active_tenant, load_validated
 from .tenant import Tenant
 
 __all__ = ["Authorize", "TenancyMiddleware"]
@@ -57,39 +57,57 @@ class TenancyMiddleware:
         if authorize is not None and not callable(authorize):
             raise IsolationConfigError("authorize must be a callable (connection, tenant)")
         self._store = store
+        self._cache = store if type(store) is CachedTenantStore else None
         self._authorize = authorize
         self._exempt = _compile_exempt(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
+            if scope["type"] == "lifespan":
+                with lifespan_through_middleware():  # setup_tenancy's start-up check
+                    await self.app(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
-        if self._is_exempt(scope):
+        scope[MIDDLEWARE_SCOPE_KEY] = True  # "exempt", not "middleware forgotten"
+        if self._exempt is not None and self._is_exempt(scope):
             await self._run(scope, receive, send)
             return
         connection = HTTPConnection(scope)
         try:
-            tenant_id = await self._chain.resolve(connection)
+            answer = self._chain.resolve_now(connection)  # validated there, once
+            tenant_id = answer if answer is None or isinstance(answer, str) else await answer
             if tenant_id is None:
                 raise TenantContextError("the request names no tenant")
             try:
-                tenant = await load_tenant(self._store, tenant_id)
+                cache = self._cache
+                cached = cache.peek(tenant_id) if cache is not None else MISS
+                if cached is not MISS:  # a cache hit: no coroutine
+                    tenant = active_tenant(cached)
+                else:
+                    tenant = await load_validated(self._store, tenant_id)
             except TenantMigrating as exc:
                 # Only a member may learn that the tenant exists and is being migrated.
                 if not isinstance(exc.tenant, Tenant):
                     raise TenantNotFound() from None
                 await self._check_member(connection, exc.tenant)
                 raise
-            await self._check_member(connection, tenant)
-            scope = self._chain.route_scope(scope, tenant.id)
+            if self._authorize is not None:
+                await self._check_member(connection, tenant)
+            if self._chain.rewrites_scope:
+                scope = self._chain.route_scope(scope, tenant.id)
         except TenancyError as exc:
             if exc.status_code >= 500:  # the client sees a bare title; operators need the cause
                 _log.warning("tenant request refused: %s", exc.code, exc_info=exc)
             await reject(scope, receive, send, exc)
             return
-        scope = {**scope, "state": {**scope.get("state", {}), "tenant": tenant}}
-        with tenant_scope(tenant):  # the sync form: no coroutine frames on the hot path
+        state = scope.get("state")
+        scope = {**scope, "state": {**state, "tenant": tenant} if state else {"tenant": tenant}}
+        token = enter_request(tenant)  # tenant_scope's rules, in one call
+        try:
             await self._run(scope, receive, send)
+        finally:
+            exit_request(token)
 
     def _is_exempt(self, scope: Scope) -> bool:
         if self._exempt is None:
@@ -119,7 +137,7 @@ class TenancyMiddleware:
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+            if message["type"] in _STARTS:
                 started = True
             await send(message)
 
@@ -131,6 +149,9 @@ class TenancyMiddleware:
             await reject(scope, receive, send, exc)
             if exc.status_code >= 500:
                 raise
+
+
+_STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.close"})
 
 
 def _compile_exempt(paths: Iterable[str]) -> re.Pattern[str] | None:

@@ -88,6 +88,9 @@ class ResolverChain:
                 )
         # Found once here: isinstance() against a Protocol subclass is slow on every request.
         self._path_resolvers = tuple(r for r in self.resolvers if isinstance(r, PathResolver))
+        #: Whether any resolver rewrites the routed scope (a stripped path prefix).
+        self.rewrites_scope = bool(self._path_resolvers)
+        self._single = self.resolvers[0] if len(self.resolvers) == 1 else None
         try:
             self.policy = ChainPolicy(policy)
         except ValueError:
@@ -96,22 +99,58 @@ class ResolverChain:
             ) from None
 
     async def resolve(self, connection: HTTPConnection) -> str | None:
+        answer = self.resolve_now(connection)
+        if answer is None or isinstance(answer, str):
+            return answer
+        return await answer
+
+    def resolve_now(self, connection: HTTPConnection) -> str | Awaitable[str | None] | None:
+        """``resolve`` without a coroutine while every resolver answers at once (the common
+        case); from the first async resolver on, an awaitable for the rest of the chain."""
+        if self._single is not None:  # one resolver: nothing to agree with
+            answer = self._single.resolve(connection)
+            if answer is None:
+                return None
+            if isinstance(answer, str):
+                return validate_tenant_id(answer)
+            return self._resolve_rest(connection, 0, answer, None)
         found: str | None = None
-        for resolver in self.resolvers:
+        for index, resolver in enumerate(self.resolvers):
             answer = resolver.resolve(connection)
             if answer is None:
                 continue
             if type(answer) is not str and inspect.isawaitable(answer):  # an async resolver
-                answer = await answer
-                if answer is None:
-                    continue
-            tenant_id = validate_tenant_id(answer)
+                return self._resolve_rest(connection, index, answer, found)
+            found = self._accept(answer, found)
             if self.policy is ChainPolicy.FIRST_MATCH:
-                return tenant_id
-            if found is not None and found != tenant_id:
-                raise TenantConflict("the request names more than one tenant")
-            found = tenant_id
+                return found
         return found
+
+    async def _resolve_rest(
+        self, connection: HTTPConnection, index: int, pending: Awaitable[Any], found: str | None
+    ) -> str | None:
+        answer = await pending
+        if answer is not None:
+            found = self._accept(answer, found)
+            if self.policy is ChainPolicy.FIRST_MATCH:
+                return found
+        for resolver in self.resolvers[index + 1 :]:
+            answer = resolver.resolve(connection)
+            if answer is not None and type(answer) is not str and inspect.isawaitable(answer):
+                answer = await answer
+            if answer is None:
+                continue
+            found = self._accept(answer, found)
+            if self.policy is ChainPolicy.FIRST_MATCH:
+                return found
+        return found
+
+    @staticmethod
+    def _accept(answer: object, found: str | None) -> str:
+        tenant_id = validate_tenant_id(answer)
+        if found is not None and found != tenant_id:
+            raise TenantConflict("the request names more than one tenant")
+        return tenant_id
 
     def route_scope(self, scope: Scope, tenant_id: str) -> Scope:
         """The scope the application sees: path prefixes of stripping resolvers removed."""
@@ -133,16 +172,14 @@ class HeaderResolver(Resolver):
     def resolve(self, connection: HTTPConnection) -> str | None:
         # The raw ASGI header list (names arrive lower-cased): no Headers object per request.
         name = self._raw_name
-        values: set[str] = {
-            value.decode("latin-1").strip(" \t")
-            for key, value in connection.scope["headers"]
-            if key == name
-        }
-        if not values:
-            return None
-        if len(values) > 1:
-            raise TenantConflict("the tenant header is repeated with different values")
-        return values.pop()
+        found: bytes | None = None
+        for key, value in connection.scope["headers"]:
+            if key == name:
+                value = value.strip(b" \t")
+                if found is not None and value != found:
+                    raise TenantConflict("the tenant header is repeated with different values")
+                found = value
+        return None if found is None else found.decode("latin-1")
 
 
 class SubdomainResolver(Resolver):

@@ -22,7 +22,15 @@ from .errors import (
 )
 from .tenant import Tenant, TenantStatus, validate_tenant_id
 
-__all__ = ["CachedTenantStore", "InMemoryTenantStore", "TenantStore", "check_record", "load_tenant"]
+__all__ = [
+    "CachedTenantStore",
+    "InMemoryTenantStore",
+    "TenantStore",
+    "active_tenant",
+    "check_record",
+    "load_tenant",
+    "load_validated",
+]
 
 
 @runtime_checkable
@@ -78,19 +86,40 @@ async def load_tenant(store: TenantStore, tenant_id: str) -> Tenant:
     is validated before the store sees it; a store that raises becomes
     ``TenantStoreUnavailable`` (503) and one that breaks its contract a contract error.
     """
-    validate_tenant_id(tenant_id)
-    try:
-        record = await store.get(tenant_id)
-    except TenantStoreUnavailable:
-        raise
-    except Exception as exc:
-        raise TenantStoreUnavailable() from exc
-    tenant = check_record(tenant_id, record)
-    if tenant is not None and tenant.status is TenantStatus.MIGRATING:
-        raise TenantMigrating(tenant=tenant)
-    if tenant is None or not tenant.is_active:
+    return await load_validated(store, validate_tenant_id(tenant_id))
+
+
+async def load_validated(store: TenantStore, tenant_id: str) -> Tenant:
+    """``load_tenant`` for an identifier already validated (the middleware's resolvers did);
+    a cache hit of ``CachedTenantStore`` costs no coroutine."""
+    record: object
+    if type(store) is CachedTenantStore:
+        record = await store.get(tenant_id)  # checked when it was loaded
+    else:
+        try:
+            record = check_record(tenant_id, await store.get(tenant_id))
+        except (TenantStoreUnavailable, TenantStoreContractError):
+            raise
+        except Exception as exc:
+            raise TenantStoreUnavailable() from exc
+    return active_tenant(record)
+
+
+def active_tenant(record: object) -> Tenant:
+    """A checked store answer as the tenant to serve; unknown and suspended are one 404."""
+    if record is None:
         raise TenantNotFound()
-    return tenant
+    assert isinstance(record, Tenant)
+    status = record.status
+    if status is not TenantStatus.ACTIVE:
+        if status is TenantStatus.MIGRATING:
+            raise TenantMigrating(tenant=record)
+        raise TenantNotFound()
+    return record
+
+
+#: ``CachedTenantStore.peek``'s answer when the cache holds nothing fresh for the id.
+MISS = object()
 
 
 class CachedTenantStore:
@@ -134,6 +163,15 @@ class CachedTenantStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def peek(self, tenant_id: str) -> object:
+        """The fresh cached answer (a ``Tenant`` or ``None``) for a validated id, or a miss
+        marker: the hot path of a request, with no coroutine."""
+        entry = self._entries.get(tenant_id)
+        if entry is not None and entry[0] > self._clock():
+            self._entries.move_to_end(tenant_id)
+            return entry[1]
+        return MISS
 
     async def get(self, tenant_id: str) -> Tenant | None:
         validate_tenant_id(tenant_id)

@@ -1,4 +1,5 @@
-"""What every benchmark shares: a PostgreSQL to run on, an app role, timing and memory figures."""
+"""What every benchmark shares: a PostgreSQL to run on, an app role, in-process ASGI requests,
+timing and memory figures."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
@@ -91,3 +93,37 @@ def machine() -> dict[str, object]:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
     }
+
+
+def http_scope(path: str, tenant: str) -> dict[str, Any]:
+    """An ASGI ``GET path`` naming ``tenant`` in the ``x-tenant-id`` header."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"x-tenant-id", tenant.encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("bench", 80),
+    }
+
+
+async def asgi_call(app: Any, scope: dict[str, Any]) -> int:
+    """One in-process request (no network, no client library); its status code."""
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status

@@ -35,6 +35,7 @@ from asgi_tenancy import Tenant
 from asgi_tenancy.sqlalchemy import DatabasePerTenant, TenantDatabase
 from benchmarks.common import (
     APP_ROLE,
+    asgi_call,
     create_app_role,
     interleave,
     machine,
@@ -42,8 +43,7 @@ from benchmarks.common import (
     peak_rss_mb,
     postgres,
 )
-from benchmarks.middleware import _call
-from benchmarks.strategies import ITEMS, _scope, own_items, scoped_app
+from benchmarks.strategies import ITEMS, item_scope, own_items, scoped_app
 
 TENANTS, HOT, MAX_ENGINES, POOL_SIZE = 200, 20, 20, 1
 MAX_CONNECTIONS = MAX_ENGINES * POOL_SIZE
@@ -186,7 +186,7 @@ async def _traffic(app: Any, tenants: list[str], n: int, statuses: dict[int, int
 
     async def worker() -> None:
         for i in queue:
-            status = await _call(app, _scope(tenants[i % len(tenants)], (i % ITEMS) + 1))
+            status = await asgi_call(app, item_scope(tenants[i % len(tenants)], (i % ITEMS) + 1))
             statuses[status] = statuses.get(status, 0) + 1
 
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))

@@ -35,14 +35,15 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantProvisioner, tenants_table
-from asgi_tenancy.sqlalchemy.migrations import (
+from asgi_tenancy.operations import TenantProvisioner
+from asgi_tenancy.operations.migrations import (
     TARGET_KEY,
     MigrationReport,
     MigrationTarget,
     env_template,
     migrate_tenants,
 )
+from asgi_tenancy.sqlalchemy import SchemaPerTenant, tenants_table
 from benchmarks.common import machine, peak_rss_mb, postgres
 
 TENANTS, CONCURRENCY, SAMPLE = 1000, 4, 100

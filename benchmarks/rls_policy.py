@@ -33,7 +33,11 @@ async def main() -> dict[str, object]:
     with postgres() as admin_url:
         app_url = await create_app_role(admin_url)
         admin = create_async_engine(admin_url)
-        strategy = RowLevelSecurity(metadata=metadata, orm_criteria=False)
+        # The baseline table is read with an explicit WHERE: declared shared, or validate()
+        # refuses a reachable tenant-column table without RLS (R015), as it should.
+        strategy = RowLevelSecurity(
+            metadata=metadata, orm_criteria=False, shared_tables={"events_plain"}
+        )
         async with admin.begin() as conn:
             await conn.execute(text("DROP TABLE IF EXISTS events, events_plain"))
             await conn.run_sync(metadata.create_all)

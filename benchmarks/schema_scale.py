@@ -27,6 +27,7 @@ from asgi_tenancy import Tenant
 from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantDatabase
 from benchmarks.common import (
     APP_ROLE,
+    asgi_call,
     create_app_role,
     interleave,
     machine,
@@ -34,8 +35,7 @@ from benchmarks.common import (
     peak_rss_mb,
     postgres,
 )
-from benchmarks.middleware import _call
-from benchmarks.strategies import ITEMS, _scope, own_items, own_metadata, scoped_app
+from benchmarks.strategies import ITEMS, item_scope, own_items, own_metadata, scoped_app
 from benchmarks.wire import WireProxy
 
 SIZES = (10, 1000)
@@ -108,7 +108,7 @@ def _app(url: URL, size: int, strategy: SchemaPerTenant) -> Any:
 
 async def _requests(app: Any, size: int, n: int) -> None:
     for i in range(n):
-        status = await _call(app, _scope(_tenant(i % size).id, (i % ITEMS) + 1))
+        status = await asgi_call(app, item_scope(_tenant(i % size).id, (i % ITEMS) + 1))
         assert status == 200, status
 
 

@@ -39,11 +39,11 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from asgi_tenancy.operations import TenantProvisioner
 from asgi_tenancy.sqlalchemy import (
     DatabasePerTenant,
     RowLevelSecurity,
     SchemaPerTenant,
-    TenantProvisioner,
     create_tenants_table,
 )
 from benchmarks.common import (

@@ -13,13 +13,14 @@ otherwise a throwaway server from the ``pgserver`` wheel in a temporary folder. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -27,6 +28,11 @@ from hypothesis import HealthCheck, settings
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from tests.redis_server import NOT_INSTALLED as REDIS_NOT_INSTALLED
+from tests.redis_server import RedisServer
+from tests.redis_server import binary as redis_binary
+from tests.redis_server import running as running_redis
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -96,10 +102,21 @@ def pg_server() -> Iterator[PgServer]:
     else:
         admin_url, handle, datadir = _start_pgserver()
     server = PgServer(admin_url)
+    _ensure_app_role(server)
+    try:
+        yield server
+    finally:
+        if handle is not None:
+            handle.cleanup()  # type: ignore[attr-defined]
+        if datadir is not None:
+            shutil.rmtree(datadir, ignore_errors=True)
+
+
+def _ensure_app_role(server: PgServer) -> None:
     asyncio.run(
         _admin_execute(
             server,
-            admin_url.database or "postgres",
+            server.admin_url.database or "postgres",
             f"""
             DO $$ BEGIN
               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
@@ -110,13 +127,36 @@ def pg_server() -> Iterator[PgServer]:
             f"PASSWORD '{APP_PASSWORD}'",
         )
     )
+
+
+@contextlib.contextmanager
+def restartable_pgserver() -> Iterator[tuple[PgServer, Callable[[], None]]]:
+    """A PostgreSQL of its own (pgserver, whatever ``TENANCY_TEST_DATABASE_URL`` says), with
+    the app role, and a function that restarts it (``pg_ctl restart -m fast``, waiting)."""
+    import pgserver
+
+    admin_url, handle, datadir = _start_pgserver()
+    server = PgServer(admin_url)
+    _ensure_app_role(server)
+
+    def restart() -> None:
+        pgserver.pg_ctl(
+            ["-w", "restart", "-m", "fast"],
+            pgdata=handle.pgdata,  # type: ignore[attr-defined]
+            user=handle.system_user,  # type: ignore[attr-defined]
+        )
+
     try:
-        yield server
+        yield server, restart
     finally:
-        if handle is not None:
-            handle.cleanup()  # type: ignore[attr-defined]
-        if datadir is not None:
-            shutil.rmtree(datadir, ignore_errors=True)
+        with contextlib.suppress(Exception):  # after a restart pgserver may not know the pid
+            pgserver.pg_ctl(
+                ["-w", "stop", "-m", "immediate"],
+                pgdata=handle.pgdata,  # type: ignore[attr-defined]
+                user=handle.system_user,  # type: ignore[attr-defined]
+            )
+        handle.cleanup()  # type: ignore[attr-defined]
+        shutil.rmtree(datadir, ignore_errors=True)
 
 
 def create_database(server: PgServer, label: str) -> PgDatabase:
@@ -130,7 +170,10 @@ def create_database(server: PgServer, label: str) -> PgDatabase:
         _admin_execute(
             server,
             name,
-            f'GRANT CONNECT, TEMPORARY ON DATABASE "{name}" TO {APP_ROLE}',
+            # Temporary objects outlive a transaction on a pooled connection: the app role gets
+            # none (R018, S005); the admin, a superuser, keeps them for signing sessions.
+            f'REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC',
+            f'GRANT CONNECT ON DATABASE "{name}" TO {APP_ROLE}',
             f"GRANT USAGE ON SCHEMA public TO {APP_ROLE}",
             "ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES "
             f"TO {APP_ROLE}",
@@ -178,3 +221,14 @@ async def app_engine(pg_database: PgDatabase) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis of the test session's own (Debian's redis-server), for job queues and caches."""
+    if redis_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail(REDIS_NOT_INSTALLED + " (CI must install it: see .ci/run)")
+        pytest.skip(REDIS_NOT_INSTALLED)
+    with running_redis() as server:
+        yield server

@@ -1,26 +1,27 @@
-"""The data layer: ``TenantDatabase`` and the isolation strategies (extra: ``postgres``).
+"""The request path: ``TenantDatabase``, the isolation strategies, the tenant store.
 
-Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never does.
+Importing this package loads SQLAlchemy; ``import asgi_tenancy`` alone never does. It never
+imports ``asgi_tenancy.operations`` (provisioning, migrations, the audit): those sit above it.
 """
 
-from .audit import AuditReport, audit, audit_provisioner
-from .binding import TenantBoundSession
+from ..checks import Finding
 from .config import isolation_from_env, strategy_from_env
 from .database import TenantDatabase
-from .database_per_tenant import DatabasePerTenant
-from .engines import EngineCache
-from .provisioning import TenantProvisioner
+from .database_per_tenant import DatabasePerTenant, EngineCache
 from .query_scoping import ALLOW_UNSCOPED, QueryScoping, allow_unscoped
-from .rls import Finding, RowLevelSecurity
+from .rls import RowLevelSecurity
 from .schema import SchemaPerTenant
+from .session import TenantBoundSession
+from .shares import FairShares
 from .store import SqlAlchemyTenantStore, create_tenants_table, tenants_table
-from .strategy import IsolationStrategy
+from .strategy import Binding, IsolationStrategy
 
 __all__ = [
     "ALLOW_UNSCOPED",
-    "AuditReport",
+    "Binding",
     "DatabasePerTenant",
     "EngineCache",
+    "FairShares",
     "Finding",
     "IsolationStrategy",
     "QueryScoping",
@@ -29,10 +30,7 @@ __all__ = [
     "SqlAlchemyTenantStore",
     "TenantBoundSession",
     "TenantDatabase",
-    "TenantProvisioner",
     "allow_unscoped",
-    "audit",
-    "audit_provisioner",
     "create_tenants_table",
     "isolation_from_env",
     "strategy_from_env",

@@ -2,7 +2,8 @@
 
 asyncpg opens every transaction with ``Connection.execute('BEGIN ...;')``, a simple-protocol
 message that may hold several statements. Appending the binding there costs no round trip: the
-transaction is bound before any statement of the application reaches the server.
+transaction is bound before any statement of the application reaches the server. A binding
+that must be a message of its own (``Binding.alone``, Citus) follows as a second message.
 """
 
 from __future__ import annotations
@@ -18,15 +19,32 @@ class TenancyConnection(asyncpg.Connection):  # type: ignore[misc]
     """Pass as ``connect_args={"connection_class": TenancyConnection}`` (TenantDatabase does)."""
 
     _tenancy_pending: str | None = None
+    _tenancy_alone: str | None = None
 
-    def set_pending_binding(self, binding: str | None) -> None:
-        """SQL to send with the next BEGIN only; ``None`` withdraws it."""
+    def set_pending_binding(self, binding: str | None, alone: str | None = None) -> None:
+        """SQL to send with the next BEGIN only, and SQL sent alone right after it; ``None``
+        withdraws both."""
         self._tenancy_pending = binding
+        self._tenancy_alone = alone
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109
-        pending = self._tenancy_pending
-        if pending is not None and not args and query.startswith("BEGIN"):
-            self._tenancy_pending = None
-            query = f"{query.rstrip().rstrip(';')};{pending}"
-        result: str = await super().execute(query, *args, timeout=timeout)
-        return result
+        pending, alone = self._tenancy_pending, self._tenancy_alone
+        if (pending is None and alone is None) or args or not query.startswith("BEGIN"):
+            result: str = await super().execute(query, *args, timeout=timeout)
+            return result
+        self._tenancy_pending = self._tenancy_alone = None
+        message = query if pending is None else f"{query.rstrip().rstrip(';')};{pending}"
+        try:
+            bound: str = await super().execute(message, timeout=timeout)
+            if alone is not None:
+                await super().execute(alone, timeout=timeout)
+        except BaseException:
+            # BEGIN ran, the binding did not: the server holds a transaction the driver does
+            # not know it started. End it, so nothing runs in it and a pooler frees the server.
+            if not self.is_closed():
+                try:
+                    await super().execute("ROLLBACK")
+                except Exception:  # the connection is broken: the pool will drop it
+                    self.terminate()
+            raise
+        return bound

@@ -9,16 +9,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-from sqlalchemy import event, inspect
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, with_loader_criteria
+from sqlalchemy import inspect
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, with_loader_criteria
 from sqlalchemy.sql.elements import BindParameter, ClauseElement
+from sqlalchemy.sql.selectable import FromClause, SelectBase
 
 from ..errors import TenantContextError
-from .binding import TENANT_KEY, TenantBoundSession
 
-__all__ = ["CRITERIA_KEY", "TenantCriteria"]
+__all__ = ["TenantCriteria"]
 
-CRITERIA_KEY = "asgi_tenancy.criteria"  # Session.info: the TenantCriteria of the session
+
+def _by_class_name(mapper: Mapper[Any]) -> str:
+    return mapper.class_.__qualname__
 
 
 class TenantCriteria:
@@ -28,9 +31,13 @@ class TenantCriteria:
     # rows without the tenant) are refused when no database policy checks them instead.
     refuse_unchecked: ClassVar[bool] = False
 
+    #: Loader-criteria options kept per (tenant, mapper): at most this many, oldest out.
+    max_cached_options: ClassVar[int] = 10_000
+
     def __init__(self, tenant_column: str = "tenant_id") -> None:
         self.tenant_column = tenant_column
         self._reach: dict[Mapper[Any], tuple[Mapper[Any], ...]] = {}
+        self._options: dict[tuple[str, Mapper[Any]], Any] = {}
 
     def is_tenant_mapper(self, mapper: Mapper[Any]) -> bool:
         return self.tenant_column in mapper.columns
@@ -56,33 +63,83 @@ class TenantCriteria:
         return mapper.get_property_by_column(mapper.columns[self.tenant_column]).key
 
     def apply(
-        self, state: ORMExecuteState, tenant_id: str, extra: Iterable[Mapper[Any]] = ()
+        self,
+        state: ORMExecuteState,
+        tenant_id: str,
+        extra: Iterable[Mapper[Any]] = (),
+        *,
+        beside: bool = False,
     ) -> None:
-        """Add the tenant predicate to ORM reads, updates and deletes; check ORM insert values."""
+        """Add the tenant predicate to ORM reads, updates and deletes; check ORM insert values.
+
+        ``extra``: more mappers the statement names (an INSERT gets criteria for these only);
+        ``beside``: an UPDATE or DELETE may name entities besides its target at its top level.
+        """
         if state.is_insert:
             self._check_insert(state, tenant_id)
+            self._add_criteria(state, tenant_id, extra)
             return
         if not (state.is_select or state.is_update or state.is_delete):
             return
         if state.is_update:
             self._check_update(state, tenant_id)
+        self._add_criteria(state, tenant_id, (*state.all_mappers, *extra))
+        if beside and not state.is_select:
+            state.statement = self._scope_beside_target(state.statement, tenant_id)
+
+    def _add_criteria(
+        self, state: ORMExecuteState, tenant_id: str, found: Iterable[Mapper[Any]]
+    ) -> None:
         mappers: set[Mapper[Any]] = set()
-        for mapper in (*state.all_mappers, *extra):
+        for mapper in found:
             mappers.update(self._reachable(mapper))
         if not mappers:
             return
-        # The tenant is a plain value, so it becomes a bound parameter of the cached statement.
-        options = [
-            with_loader_criteria(
-                m.class_,
+        # One order, so one cache key for the statement.
+        options = [self._option(tenant_id, m) for m in sorted(mappers, key=_by_class_name)]
+        state.statement = state.statement.options(*options)
+
+    def _option(self, tenant_id: str, mapper: Mapper[Any]) -> Any:
+        """The loader criteria for ``mapper`` under ``tenant_id``; options are immutable, so
+        one built per (tenant, mapper) serves every statement (bounded, oldest out)."""
+        key = (tenant_id, mapper)
+        option = self._options.get(key)
+        if option is None:
+            # The tenant is a plain value: a bound parameter of the cached statement.
+            option = with_loader_criteria(
+                mapper.class_,
                 # The mapped attribute, not the Column: its ORM annotations let SQLAlchemy adapt
                 # the predicate to aliases (joined eager loads, aliased()).
-                getattr(m.class_, self._attr(m)) == tenant_id,
+                getattr(mapper.class_, self._attr(mapper)) == tenant_id,
                 include_aliases=True,
             )
-            for m in sorted(mappers, key=lambda m: m.class_.__qualname__)
-        ]
-        state.statement = state.statement.options(*options)
+            if len(self._options) >= self.max_cached_options:
+                del self._options[next(iter(self._options))]
+            self._options[key] = option
+        return option
+
+    def _scope_beside_target(self, statement: Any, tenant_id: str) -> Any:
+        """AND the tenant predicate for every entity an UPDATE ... FROM or DELETE ... USING names
+        besides its target: loader criteria reach only the target and nested SELECTs."""
+        target = statement.table.fullname
+        entities: dict[int, Any] = {}
+        todo = list(statement.get_children())
+        while todo:
+            element = todo.pop()
+            if isinstance(element, (SelectBase, FromClause)):
+                continue  # nested SELECTs carry loader criteria; FROM lists are not entities
+            entity = element._annotations.get("parententity")
+            if (
+                entity is not None
+                and self.is_tenant_mapper(entity.mapper)
+                and (entity.is_aliased_class or target not in {t.fullname for t in entity.tables})
+            ):
+                entities[id(entity)] = entity
+            todo.extend(element.get_children())
+        for entity in entities.values():
+            attribute = getattr(entity.entity, self._attr(entity.mapper))
+            statement = statement.where(attribute == tenant_id)
+        return statement
 
     def _tenant_keys(self, mapper: Mapper[Any]) -> set[object]:
         column = mapper.columns[self.tenant_column]
@@ -200,20 +257,9 @@ class TenantCriteria:
             if history.has_changes():
                 raise TenantContextError("the tenant of a row cannot be changed")
             if attr not in state.dict:
-                session.refresh(obj, [attr])  # scoped: another tenant's row is not found
+                try:
+                    session.refresh(obj, [attr])  # scoped: another tenant's row is not found
+                except InvalidRequestError:
+                    raise TenantContextError("this row belongs to another tenant") from None
             if state.dict.get(attr) != tenant_id:
                 raise TenantContextError("this row belongs to another tenant")
-
-
-@event.listens_for(TenantBoundSession, "do_orm_execute")
-def _scope_statement(state: ORMExecuteState) -> None:
-    criteria: TenantCriteria | None = state.session.info.get(CRITERIA_KEY)
-    if criteria is not None:
-        criteria.apply(state, state.session.info[TENANT_KEY])
-
-
-@event.listens_for(TenantBoundSession, "before_flush")
-def _stamp_rows(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
-    criteria: TenantCriteria | None = session.info.get(CRITERIA_KEY)
-    if criteria is not None:
-        criteria.stamp(session, session.info[TENANT_KEY])

@@ -3,27 +3,76 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from ..context import current_tenant, in_central_scope
-from ..errors import IsolationConfigError, TenancyError, TenancyUnavailable, TenantContextError
-from .binding import (
-    BINDING_KEY,
-    SIGNER_KEY,
-    TENANT_KEY,
-    TenantBoundSession,
-    install_engine_hooks,
+from ..errors import (
+    DatabaseNotValidated,
+    DatabaseUnavailable,
+    IsolationConfigError,
+    TenancyError,
+    TenantContextError,
 )
+from . import hooks
+from .failures import TRANSLATABLE, describe, translate
+from .session import TenantBoundSession
+from .shares import BindingFor, EngineFor, FairShares
 from .strategy import IsolationStrategy
 
 __all__ = ["TenantDatabase"]
+
+
+_log = logging.getLogger("asgi_tenancy.sqlalchemy")
+
+
+async def _release(session: AsyncSession, failure: BaseException | None) -> None:
+    """Close ``session``, or invalidate it when ``failure`` means its connection is lost; never
+    raises an ``Exception`` (what failed is logged once, with its cause)."""
+    try:
+        if failure is not None and isinstance(translate(failure), DatabaseUnavailable):
+            await session.invalidate()  # nothing to roll back on a dead connection
+        else:
+            await session.close()
+    except Exception as exc:
+        _log.warning(
+            "releasing a tenant session failed; its connection is replaced: %s",
+            describe(exc),
+            exc_info=exc,
+        )
+        await _discard(session)
+
+
+async def _release_cancel_safe(session: AsyncSession, failure: BaseException | None) -> None:
+    """``_release``, which a cancellation does not stop: a cancelled request still returns its
+    connection. Shielded only where a cancellation is pending (a shield costs a task and an
+    event-loop turn per request); one that arrives during the release drops the connection,
+    whose state is then unknown, in a shielded task of its own."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        await asyncio.shield(_release(session, failure))
+        return
+    try:
+        await _release(session, failure)
+    except asyncio.CancelledError:
+        await asyncio.shield(_discard(session))
+        raise
+
+
+async def _discard(session: AsyncSession) -> None:
+    """Invalidate ``session``: its connection is dropped, not returned; never raises."""
+    try:
+        await session.invalidate()
+    except Exception:  # already as broken as it gets: the pool forgets it
+        _log.debug("invalidating a broken session failed", exc_info=True)
 
 
 class TenantDatabase:
@@ -33,6 +82,9 @@ class TenantDatabase:
     outside a tenant scope it raises ``TenantContextError`` before a connection is taken.
     Sessions are refused until ``validate()`` has passed: a misconfigured deployment does not
     serve. Central work goes through ``admin_engine``, only inside ``central_scope``.
+    ``safe_functions`` names the application's own functions that leave no session state
+    (``hygiene.py``: any other function call makes a connection be replaced after use).
+    ``shares`` caps what one tenant holds of the shared pool (``shares.py``).
     """
 
     def __init__(
@@ -43,6 +95,8 @@ class TenantDatabase:
         admin_engine: AsyncEngine | None = None,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        safe_functions: Iterable[str] = (),
+        shares: FairShares | None = None,
     ) -> None:
         if not isinstance(strategy, IsolationStrategy):
             raise IsolationConfigError(
@@ -63,12 +117,21 @@ class TenantDatabase:
                 "the admin engine must be separate from the tenant engine",
                 hint="connect the admin engine as another role",
             )
-        install_engine_hooks(self.engine)
+        hooks.install(self.engine, strategy.statement_guard, connect_sql=strategy.connect_sql)
+        self._safe_functions = frozenset(safe_functions)
         self.strategy = strategy
         self.admin_engine = admin_engine
         self._session_options = {"expire_on_commit": False, **dict(session_options or {})}
         self._validated = False
-        strategy.attach(self)
+        strategy.attach(self.engine)
+        # Fair shares wrap the strategy's two request-path calls once; without them, nothing.
+        self.shares = shares
+        self._engine_for: EngineFor = strategy.engine_for
+        self._binding: BindingFor = strategy.binding
+        if shares is not None:
+            shares.attach(self.engine)
+            self._engine_for = shares.engine_for(strategy.engine_for)
+            self._binding = shares.binding_for(strategy.binding)
 
     def __repr__(self) -> str:
         return f"TenantDatabase({self.engine.url!r}, strategy={self.strategy.name!r})"
@@ -80,47 +143,83 @@ class TenantDatabase:
     async def validate(self) -> None:
         """Check the live database for this strategy; sessions stay refused until it passes."""
         self._validated = False
+        hooks.check_first(self.engine)
         try:
-            await self.strategy.validate(self)
+            await self._load_hygiene()
+            await self.strategy.validate(self.engine)
         except TenancyError:
             raise
         except (OSError, TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             # The cause (kept for the log) may name the host; the message never does.
-            raise TenancyUnavailable(
+            raise DatabaseUnavailable(
                 "the database could not be reached to validate isolation"
             ) from exc
         except sa_exc.DBAPIError as exc:
+            if isinstance(translate(exc), DatabaseUnavailable):
+                raise DatabaseUnavailable(
+                    "the database could not be reached to validate isolation"
+                ) from exc
             raise IsolationConfigError(
                 "validation could not read the catalog",
                 hint=f"the database answered {type(exc.orig).__name__}; check the role's grants",
             ) from exc
         self._validated = True
 
+    async def _load_hygiene(self) -> None:
+        """The allow-list of session-safe functions, read from the server once."""
+        hygiene = hooks.hygiene_of(self.engine)
+        if hygiene is None:
+            return
+        sql, params = hygiene.allowed_sql()
+        async with self.engine.connect() as conn:
+            names = (await conn.execute(text(sql), params)).scalars().all()
+        hygiene.with_functions([*names, *self._safe_functions])
+
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session of the current tenant; every transaction in it is bound to that tenant."""
+        """A session of the current tenant; every transaction in it is bound to that tenant.
+
+        Database failures inside the block leave it as ``TenancyError``s (``failures.py``).
+        Its release never raises: after a lost connection the session is invalidated (no
+        rollback is sent to a dead server), and a failing rollback or close is logged and
+        swallowed, since by then the response may be out and the connection is replaced anyway.
+        """
         tenant = current_tenant()
         if not self._validated:
-            raise IsolationConfigError(
+            raise DatabaseNotValidated(
                 "TenantDatabase has not been validated",
                 hint="await database.validate() at start-up (setup_tenancy does it for FastAPI)",
             )
-        async with self.strategy.engine_for(self, tenant) as engine:
-            strategy = self.strategy
-            info: dict[str, Any] = {TENANT_KEY: tenant.id}
-            if strategy.binds_to_backend:
-                info[SIGNER_KEY] = functools.partial(strategy.backend_binding_sql, tenant)
-            else:
-                info[BINDING_KEY] = strategy.binding_sql(tenant)
-            session = AsyncSession(
-                engine, sync_session_class=TenantBoundSession, info=info, **self._session_options
-            )
-            self.strategy.configure_session(session.sync_session, tenant)
-            try:
-                yield session
-            finally:
-                # Shielded: a cancelled request still returns its connection, rolled back.
-                await asyncio.shield(session.close())
+        strategy = self.strategy
+        try:
+            async with self._engine_for(self.engine, tenant) as engine:
+                session = AsyncSession(
+                    engine,
+                    sync_session_class=TenantBoundSession,
+                    tenant=tenant,
+                    binding=self._binding(tenant),
+                    criteria=strategy.criteria,
+                    **self._session_options,
+                )
+                failure: BaseException | None = None
+                try:
+                    yield session
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    await _release_cancel_safe(session, failure)
+        except TRANSLATABLE as exc:  # translating(), inline: one generator less per request
+            mapped = translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def hold_connection(self, session: AsyncSession) -> None:
+        """Check out ``session``'s connection and send its bound ``BEGIN`` now, as a stream
+        needs before its status goes out (one greenlet hop, without the ``AsyncConnection``
+        proxy ``AsyncSession.connection()`` builds)."""
+        await greenlet_spawn(session.sync_session.connection)
 
     @asynccontextmanager
     async def admin_session(self) -> AsyncIterator[AsyncSession]:

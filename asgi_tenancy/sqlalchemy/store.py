@@ -1,4 +1,8 @@
-"""A ``TenantStore`` reading a ``tenants`` table in a shared schema."""
+"""A ``TenantStore`` reading a ``tenants`` table in a shared schema.
+
+The store only reads; the registry is written by operations (``TenantProvisioner``, the
+migration runner) through ``asgi_tenancy.operations.registry``, as the owner role.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..checks import Finding
 from ..errors import IsolationConfigError, TenantStoreContractError, TenantStoreUnavailable
 from ..tenant import Tenant, TenantStatus, validate_tenant_id
+from .grants import check_registry
 
 __all__ = ["SqlAlchemyTenantStore", "create_tenants_table", "tenants_table"]
 
@@ -86,35 +92,21 @@ class SqlAlchemyTenantStore:
         row = rows[0]
         if row.id != tenant_id:  # e.g. a CHAR column padding the id, or a case-folding type
             raise TenantStoreContractError("tenants table answered with another id")
-        return _tenant_from_row(row.id, row.status, row.attributes)
+        return tenant_from_row(row.id, row.status, row.attributes)
 
-    async def put(self, tenant: Tenant) -> None:
-        """Insert or update a tenant (status and attributes); ``updated_at`` moves on update."""
-        values = {"status": tenant.status.value, "attributes": dict(tenant.attributes)}
-        statement = self.table.insert().values(id=tenant.id, **values)
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-
-            statement = (
-                insert(self.table)
-                .values(id=tenant.id, **values)
-                .on_conflict_do_update(
-                    index_elements=[self.table.c.id], set_={**values, "updated_at": sa.func.now()}
-                )
-            )
-        async with self.engine.begin() as conn:
-            await conn.execute(statement)
-
-    async def remove(self, tenant_id: str) -> None:
-        validate_tenant_id(tenant_id)
-        async with self.engine.begin() as conn:
-            await conn.execute(self.table.delete().where(self.table.c.id == tenant_id))
+    async def check(self) -> list[Finding]:
+        """T001 at start-up: the store's role can read the registry (else every request 503)."""
+        if self.engine.dialect.name != "postgresql":
+            return []
+        async with self.engine.connect() as conn:
+            return await check_registry(conn, self.table)
 
 
 _STATUSES = frozenset(status.value for status in TenantStatus)
 
 
-def _tenant_from_row(tenant_id: Any, status: Any, attributes: Any) -> Tenant:
+def tenant_from_row(tenant_id: Any, status: Any, attributes: Any) -> Tenant:
+    """A registry row as a ``Tenant``; anything malformed is a ``TenantStoreContractError``."""
     if status not in _STATUSES:
         raise TenantStoreContractError("tenants table holds an unknown status")
     if not isinstance(attributes, Mapping):

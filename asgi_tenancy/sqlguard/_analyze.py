@@ -1,412 +1,486 @@
-"""Walk PostgreSQL's raw parse tree: refuse what is not allowed, collect where to splice.
+"""Walk PostgreSQL's raw parse tree resolving every name as the server will, collect the edits.
 
-Fail-closed by construction: a node type that is not listed here refuses the query. The walk
-keeps SQL's CTE scoping (a WITH list is visible to the statement it belongs to and its nested
-queries; without RECURSIVE, a CTE sees only the CTEs listed before it), so a CTE named like a
-tenant table shadows the table exactly where PostgreSQL would resolve the name to the CTE.
+Fail-closed by construction: a node type that is not listed here refuses the query. Names are
+resolved with PostgreSQL's rules (``parse_relation.c``): one namespace per query level, FROM
+items visible to later items only under LATERAL (functions in FROM are implicitly LATERAL), a
+JOIN's ON clause sees only the join's own inputs, an aliased join hides its inputs, an
+unaliased one shows them by name but not their columns, a bare name is a column before it is a
+relation's whole row, the nearest query level wins. Every relation's columns are tracked
+(declared tables, CTEs, subqueries, joins with USING/NATURAL, set operations, VALUES,
+functions), so ``x.f`` and ``(x).f`` (which PostgreSQL reads as the call ``f(x)`` when ``f``
+is not a column) are accepted only when ``f`` is a known column of ``x``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-from ..errors import UnsafeQuery
 from . import _reasons as r
-from ._allowlist import SET_RETURNING_FUNCTIONS, SQL_VALUE_FUNCTIONS
+from ._allowlist import SET_RETURNING
+from ._expressions import Expressions
 from ._lexer import name_span
-
-__all__ = ["Analysis", "Edit", "TableRule", "analyze"]
-
-Node = dict[str, Any]
-Scope = frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class TableRule:
-    """How one declared table is read: filtered on ``tenant_column``, or as is (``None``)."""
-
-    name: str
-    tenant_column: str | None
-    shared: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Edit:
-    """Replace bytes ``start:end`` of the statement with a reference to ``rule``'s table."""
-
-    start: int
-    end: int
-    rule: TableRule
-    alias: str | None  # the implicit alias to add (no alias written), else None
-    table_form: bool  # ``TABLE name``: the whole simple SELECT is replaced
-
-
-@dataclass(slots=True)
-class Analysis:
-    edits: list[Edit] = field(default_factory=list)
-    tables: set[str] = field(default_factory=set)
-
-
-# Constants: nothing below them but values.
-_LEAVES = frozenset({"A_Const", "A_Star", "BitString", "Boolean", "Float", "Integer", "String"})
-
-# Node types whose every child is walked with no check of their own.
-_PASSTHROUGH = frozenset(
-    {
-        "A_ArrayExpr",
-        "A_Const",
-        "A_Indices",
-        "A_Indirection",
-        "A_Star",
-        "Alias",
-        "BitString",
-        "BoolExpr",
-        "Boolean",
-        "BooleanTest",
-        "CTECycleClause",
-        "CTESearchClause",
-        "CaseExpr",
-        "CaseWhen",
-        "CoalesceExpr",
-        "ColumnDef",
-        "Float",
-        "GroupingFunc",
-        "GroupingSet",
-        "Integer",
-        "JoinExpr",
-        "List",
-        "MinMaxExpr",
-        "NamedArgExpr",
-        "NullTest",
-        "RangeSubselect",
-        "ResTarget",
-        "RowExpr",
-        "String",
-        "WindowDef",
-    }
+from ._model import (
+    MAX_RELATIONS,
+    NAME_FOLLOWS,
+    NAME_RISKY,
+    REFUSED,
+    UNKNOWN,
+    WRITES,
+    Analysis,
+    Cols,
+    Edit,
+    Item,
+    Level,
+    Node,
+    TableRule,
+    alias_of,
+    branch,
+    figure_colname,
+    is_table_form,
+    name_list,
+    only,
+    quote,
+    refuse,
+    unknown_column,
+    wrapper,
 )
 
-_REFUSED: Mapping[str, tuple[str, str]] = {
-    "ParamRef": (r.PARAMETER_NOT_ALLOWED, "query parameters ($1) are not accepted"),
-    "LockingClause": (r.LOCKING_CLAUSE, "FOR UPDATE / FOR SHARE is not allowed"),
-    "XmlExpr": (r.FORBIDDEN_FUNCTION, "XML functions are not allowed"),
-    "XmlSerialize": (r.FORBIDDEN_FUNCTION, "XML functions are not allowed"),
-    "RangeTableFunc": (r.FORBIDDEN_FUNCTION, "XMLTABLE is not allowed"),
-    "InsertStmt": (r.NOT_A_SELECT, "only SELECT queries are accepted"),
-    "UpdateStmt": (r.NOT_A_SELECT, "only SELECT queries are accepted"),
-    "DeleteStmt": (r.NOT_A_SELECT, "only SELECT queries are accepted"),
-    "MergeStmt": (r.NOT_A_SELECT, "only SELECT queries are accepted"),
-}
-
-_WRITES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+__all__ = ["Analysis", "Cols", "Edit", "TableRule", "analyze"]
 
 
-def _names(items: list[Node] | None) -> list[str]:
-    out: list[str] = []
-    for item in items or ():
-        value = item.get("String", {}).get("sval")
-        if not isinstance(value, str):
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected name in query")
-        out.append(value)
-    return out
+class _Walker(Expressions):
+    """The query half of the walk: levels, WITH, FROM, targets, ORDER BY."""
 
+    # -- query levels --------------------------------------------------------------------------
 
-def _only(node: object) -> tuple[str, Node]:
-    if not isinstance(node, dict) or len(node) != 1:
-        raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected query structure")
-    ((kind, body),) = node.items()
-    if not isinstance(body, dict):
-        raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected query structure")
-    return kind, body
-
-
-class _Walker:
-    def __init__(
-        self,
-        b: bytes,
-        rules: Mapping[str, TableRule],
-        schema: str | None,
-        functions: frozenset[str],
-        max_depth: int,
-        allow_recursive: bool,
-    ) -> None:
-        self.allow_recursive = allow_recursive
-        self.b = b
-        self.rules = rules
-        self.schema = schema
-        self.functions = functions
-        self.max_depth = max_depth
-        self.result = Analysis()
-
-    # -- generic walk -------------------------------------------------------------------------
-
-    def walk(self, value: object, scope: Scope, depth: int) -> None:
-        if type(value) is list:
-            for item in value:
-                self.walk(item, scope, depth)
-        elif type(value) is dict:
-            self._dict(value, scope, depth)
-
-    def _dict(self, value: Node, scope: Scope, depth: int) -> None:
-        if len(value) == 1:
-            key = next(iter(value))
-            if key[0].isupper():  # a node: {"NodeType": {fields}}
-                if key not in _LEAVES:
-                    self.node(key, value[key], scope, depth + 1)
-                return
-        self.fields(value, scope, depth)
-
-    def fields(self, body: Node, scope: Scope, depth: int) -> None:
-        for key, child in body.items():
-            kind = type(child)
-            if kind is list:
-                for item in child:
-                    if type(item) is dict:
-                        self._dict(item, scope, depth)
-                    elif type(item) is list:
-                        self.walk(item, scope, depth)
-            elif kind is dict:
-                if key == "typeName":
-                    self._type_name(child)
-                else:
-                    self._dict(child, scope, depth)
-
-    def node(self, kind: str, body: Any, scope: Scope, depth: int) -> None:
+    def query(self, body: Node, parent: Level | None, depth: int) -> Cols:
+        """Analyse one SelectStmt (a new query level under ``parent``); its output columns."""
         if depth > self.max_depth:
-            raise UnsafeQuery(
+            raise refuse(
                 r.TOO_COMPLEX,
                 f"query nests deeper than {self.max_depth} levels",
                 hint="flatten nested subqueries into CTEs",
             )
-        if not isinstance(body, dict):
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected query structure")
-        handler = _HANDLERS.get(kind)
-        if handler is not None:
-            handler(self, body, scope, depth)
-        elif kind in _PASSTHROUGH:
-            self.fields(body, scope, depth)
-        elif kind in _REFUSED:
-            reason, message = _REFUSED[kind]
-            raise UnsafeQuery(reason, message)
-        else:
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, f"{kind} is not supported in a guarded query")
-
-    # -- statements and scopes -----------------------------------------------------------------
-
-    def _select(self, body: Node, scope: Scope, depth: int) -> None:
         if body.get("intoClause"):
-            raise UnsafeQuery(r.NOT_A_SELECT, "SELECT INTO creates a table; it is not allowed")
+            raise refuse(r.NOT_A_SELECT, "SELECT INTO creates a table; it is not allowed")
         if body.get("lockingClause"):
-            raise UnsafeQuery(r.LOCKING_CLAUSE, "FOR UPDATE / FOR SHARE is not allowed")
-        with_clause = body.get("withClause")
-        if with_clause:
-            scope = self._with(with_clause, scope, depth)
-        table_form = _is_table_form(body)
-        for key, child in body.items():
-            if key == "withClause":
-                continue
-            if key in ("larg", "rarg"):
-                self.node("SelectStmt", child, scope, depth + 1)
-            elif table_form and key == "fromClause":
-                _, rv = _only(child[0])
-                self._range_var(rv, scope, depth + 1, table_form=True)
-            elif isinstance(child, (dict, list)):
-                self.walk(child, scope, depth)
+            raise refuse(r.LOCKING_CLAUSE, "FOR UPDATE / FOR SHARE is not allowed")
+        level = Level(parent)
+        if body.get("withClause"):
+            self._with(body["withClause"], level, depth)
+        op = body.get("op", "SETOP_NONE")
+        if op != "SETOP_NONE":
+            left = self.query(branch(body.get("larg")), level, depth + 1)
+            self.query(branch(body.get("rarg")), level, depth + 1)
+            # ORDER BY / LIMIT of a set operation see its output columns only
+            level.items = [Item(None, left)]
+            self._tail(body, level, depth, left.names)
+            return left
+        if body.get("valuesLists"):
+            width = 0
+            for row in body["valuesLists"]:
+                _, items = only(row)
+                values = items.get("items") or []
+                width = len(values)
+                for value in values:
+                    self.expr(value, level, depth)
+            output = Cols(tuple(f"column{i}" for i in range(1, width + 1)), True)
+            self._tail(body, level, depth, output.names)
+            return output
+        table_form = is_table_form(body)
+        for item in body.get("fromClause") or ():
+            new = self.from_item(item, level, depth, table_form=table_form)
+            for entry in new:
+                entry.lateral_only = True
+            level.items.extend(new)
+        for entry in level.items:
+            entry.lateral_only = False
+        output = self._targets(body.get("targetList") or [], level, depth)
+        if body.get("whereClause"):
+            self.expr(body["whereClause"], level, depth)
+        for item in body.get("groupClause") or ():
+            self._ordering(item, level, depth, output.names, outputs_first=False)
+        if body.get("havingClause"):
+            self.expr(body["havingClause"], level, depth)
+        for window in body.get("windowClause") or ():
+            self.expr(window, level, depth)
+        for item in body.get("distinctClause") or ():
+            if item:
+                self._ordering(item, level, depth, output.names, outputs_first=True)
+        self._tail(body, level, depth, output.names)
+        return output
 
-    def _with(self, clause: Node, scope: Scope, depth: int) -> Scope:
+    def _tail(self, body: Node, level: Level, depth: int, outputs: tuple[str, ...]) -> None:
+        for item in body.get("sortClause") or ():
+            self._ordering(item, level, depth, outputs, outputs_first=True)
+        for key in ("limitCount", "limitOffset"):
+            if body.get(key):
+                self.expr(body[key], level, depth)
+
+    def _ordering(
+        self,
+        node: Node,
+        level: Level,
+        depth: int,
+        outputs: tuple[str, ...],
+        *,
+        outputs_first: bool,
+    ) -> None:
+        """ORDER BY, GROUP BY, DISTINCT ON: a bare name may also be an output column."""
+        kind, body = only(node)
+        if kind == "SortBy":
+            self._operator(name_list(body.get("useOp")))
+            node = body["node"]
+            kind, body = only(node)
+        if kind == "ColumnRef":
+            fields = body.get("fields") or []
+            if len(fields) == 1 and "String" in fields[0]:
+                name = fields[0]["String"]["sval"]
+                if name in outputs and (outputs_first or self._bare(name, level) is None):
+                    return
+        self.expr(node, level, depth)
+
+    def _with(self, clause: Node, level: Level, depth: int) -> None:
         ctes: list[tuple[str, Node]] = []
-        for item in clause.get("ctes", ()):
-            kind, cte = _only(item)
-            if kind != "CommonTableExpr":
-                raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected WITH item")
+        for item in clause.get("ctes") or ():
+            kind, cte = only(item)
             name = cte.get("ctename")
-            if not isinstance(name, str):
-                raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected WITH item")
+            if kind != "CommonTableExpr" or not isinstance(name, str):
+                raise refuse(r.UNSUPPORTED_SYNTAX, "unexpected WITH item")
+            query_kind, _ = only(cte.get("ctequery"))
+            if query_kind in WRITES:
+                raise refuse(
+                    r.DATA_MODIFYING_CTE, f"WITH {name} writes data; only SELECT is allowed"
+                )
+            if query_kind != "SelectStmt":
+                raise refuse(r.NOT_A_SELECT, f"WITH {name} must be a SELECT")
             ctes.append((name, cte))
         recursive = bool(clause.get("recursive"))
         if recursive and not self.allow_recursive:
-            raise UnsafeQuery(
+            raise refuse(
                 r.TOO_COMPLEX,
                 "WITH RECURSIVE is not allowed here",
                 hint="compute the levels with joins or generate_series",
             )
         if recursive:
-            scope = scope | {name for name, _ in ctes}
+            for name, cte in ctes:  # all visible to all; columns known once analysed
+                level.ctes[name] = Cols(tuple(name_list(cte.get("aliascolnames"))), False)
         for name, cte in ctes:
-            query_kind, _ = _only(cte.get("ctequery"))
-            if query_kind in _WRITES:
-                raise UnsafeQuery(
-                    r.DATA_MODIFYING_CTE, f"WITH {name} writes data; only SELECT is allowed"
-                )
-            if query_kind != "SelectStmt":
-                raise UnsafeQuery(r.NOT_A_SELECT, f"WITH {name} must be a SELECT")
-            self.fields(cte, scope, depth + 1)
-            if not recursive:
-                scope = scope | {name}
-        return scope
+            aliases = name_list(cte.get("aliascolnames"))
+            _, select = only(cte["ctequery"])
+            if recursive and select.get("op") == "SETOP_UNION":
+                # the non-recursive term fixes the columns the recursive term reads
+                left = self.query(branch(select.get("larg")), level, depth + 1)
+                level.ctes[name] = self._cte_columns(left.renamed(aliases), cte)
+                self.query(branch(select.get("rarg")), level, depth + 1)
+                for key in ("sortClause", "limitCount", "limitOffset", "withClause"):
+                    if select.get(key):
+                        raise refuse(r.UNSUPPORTED_SYNTAX, "unexpected recursive CTE shape")
+                continue
+            cols = self.query(select, level, depth + 1).renamed(aliases)
+            if recursive:
+                level.ctes[name] = self._cte_columns(cols, cte)
+            else:
+                level.ctes = {**level.ctes, name: self._cte_columns(cols, cte)}
 
-    def _range_var(self, body: Node, scope: Scope, depth: int, *, table_form: bool = False) -> None:
+    def _cte_columns(self, cols: Cols, cte: Node) -> Cols:
+        extra: list[str] = []
+        search = cte.get("search_clause")
+        if search:
+            extra.append(search["CTESearchClause"]["search_seq_column"])
+        cycle = cte.get("cycle_clause")
+        if cycle:
+            body = cycle["CTECycleClause"]
+            extra += [body["cycle_mark_column"], body["cycle_path_column"]]
+            for key in ("cycle_mark_value", "cycle_mark_default"):
+                if body.get(key):
+                    self.expr(body[key], Level(None), 0)
+        if not extra:
+            return cols
+        return Cols(cols.names + tuple(extra), cols.complete)
+
+    def _cte(self, name: str, level: Level | None) -> Cols | None:
+        while level is not None:
+            if name in level.ctes:
+                return level.ctes[name]
+            level = level.parent
+        return None
+
+    # -- FROM ----------------------------------------------------------------------------------
+
+    def _count_relation(self) -> None:
+        self.relations += 1
+        if self.relations > MAX_RELATIONS:
+            raise refuse(
+                r.TOO_COMPLEX,
+                f"query reads more than {MAX_RELATIONS} relations",
+                hint="split the question into smaller queries",
+            )
+
+    def from_item(
+        self, node: object, level: Level, depth: int, *, table_form: bool = False
+    ) -> list[Item]:
+        """The namespace entries one FROM item adds (the last one carries its columns)."""
+        kind, body = only(node)
+        if kind == "RangeVar":
+            self._count_relation()
+            return [self._range_var(body, level, table_form=table_form)]
+        if kind == "RangeSubselect":
+            self._count_relation()
+            lateral = bool(body.get("lateral"))
+            saved, level.lateral_active = level.lateral_active, lateral
+            try:
+                _, select = only(body.get("subquery"))
+                cols = self.query(select, level, depth + 1)
+            finally:
+                level.lateral_active = saved
+            name, aliases = alias_of(body)
+            return [Item(name, cols.renamed(aliases))]
+        if kind == "RangeFunction":
+            self._count_relation()
+            return [self._range_function(body, level, depth)]
+        if kind == "JoinExpr":
+            return self._join(body, level, depth)
+        if kind in REFUSED:
+            reason, message = REFUSED[kind]
+            raise refuse(reason, message)
+        raise refuse(r.UNSUPPORTED_SYNTAX, f"{kind} is not supported in a guarded query")
+
+    def _join(self, body: Node, level: Level, depth: int) -> list[Item]:
+        left = self.from_item(body.get("larg"), level, depth)
+        for entry in left:
+            entry.lateral_only = True
+        mark = len(level.items)
+        level.items.extend(left)
+        try:
+            right = self.from_item(body.get("rarg"), level, depth)
+        finally:
+            del level.items[mark:]
+        mine = left + right
+        for entry in mine:
+            entry.lateral_only = False
+        l_cols, r_cols = left[-1].cols, right[-1].cols
+        using = name_list(body.get("usingClause"))
+        if body.get("isNatural"):
+            if not (l_cols.complete and r_cols.complete):
+                raise unknown_column("NATURAL JOIN needs the columns of both sides to be known")
+            using = [c for c in l_cols.names if c in r_cols.names]
+        if using:
+            for side in (l_cols, r_cols):
+                if side.complete and any(c not in side.names for c in using):
+                    raise unknown_column("a USING column is not a column of both sides")
+            if l_cols.complete and r_cols.complete:
+                names = tuple(using) + tuple(
+                    c for c in l_cols.names + r_cols.names if c not in using
+                )
+                cols = Cols(names, True)
+            else:
+                cols = Cols(tuple(dict.fromkeys(using + list(l_cols.names + r_cols.names))), False)
+        else:
+            cols = Cols(l_cols.names + r_cols.names, l_cols.complete and r_cols.complete)
+        if body.get("quals"):
+            saved = level.items
+            level.items = mine  # the ON clause sees the join's own inputs only
+            try:
+                self.expr(body["quals"], level, depth)
+            finally:
+                level.items = saved
+        name, aliases = alias_of(body)
+        if name is not None:
+            mine = []
+        else:
+            for entry in mine:
+                entry.cols_visible = False
+        mine.append(Item(name, cols.renamed(aliases)))
+        using_alias = body.get("join_using_alias")
+        if using_alias:
+            extra = Item(using_alias.get("aliasname"), Cols(tuple(using), True))
+            extra.cols_visible = False
+            mine.append(extra)
+        return mine
+
+    def _range_var(self, body: Node, level: Level, *, table_form: bool) -> Item:
         relname = body.get("relname")
         schema = body.get("schemaname")
         if not isinstance(relname, str):
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected table reference")
+            raise refuse(r.UNSUPPORTED_SYNTAX, "unexpected table reference")
         if body.get("catalogname") is not None:
-            raise UnsafeQuery(r.SCHEMA_NOT_ALLOWED, "database-qualified names are not allowed")
-        if schema is None and relname in scope:
-            return  # a CTE in scope
+            raise refuse(r.SCHEMA_NOT_ALLOWED, "database-qualified names are not allowed")
+        alias, aliases = alias_of(body)
+        refname = alias if alias is not None else relname
+        if schema is None:
+            cte = self._cte(relname, level)
+            if cte is not None:
+                return Item(refname, cte.renamed(aliases))
         if schema is not None and schema != self.schema:
-            raise UnsafeQuery(
+            raise refuse(
                 r.SCHEMA_NOT_ALLOWED,
                 f"schema {schema!r} is not allowed"
                 + (f"; use {self.schema!r} or no schema" if self.schema else "; use no schema"),
             )
         rule = self.rules.get(relname)
         if rule is None:
-            raise UnsafeQuery(
+            raise refuse(
                 r.UNKNOWN_TABLE,
                 f"table {relname!r} is not available",
                 hint="available tables: " + ", ".join(sorted(self.rules)),
             )
+        if rule.tenant_column is None and not rule.shared and schema is not None:
+            # schema-per-tenant: only the session's search_path may resolve the name
+            raise refuse(r.SCHEMA_NOT_ALLOWED, f"write {relname!r} without a schema")
+        if body.get("inh") is not True:
+            raise refuse(r.UNSUPPORTED_SYNTAX, "ONLY is not supported")
         self.result.tables.add(relname)
-        if rule.tenant_column is None and not rule.shared:
-            if schema is not None:
-                # schema-per-tenant: only the session's search_path may resolve the name
-                raise UnsafeQuery(r.SCHEMA_NOT_ALLOWED, f"write {relname!r} without a schema")
-            return
-        if rule.tenant_column is None and self.schema is None:
-            return
-        if rule.tenant_column is not None and body.get("inh") is not True:
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "ONLY is not supported on tenant tables")
-        if table_form and rule.tenant_column is None:
-            table_form = False  # qualifying the name keeps ``TABLE name`` valid
+        cols = UNKNOWN if rule.columns is None else Cols(rule.columns, True)
+        item = Item(refname, cols.renamed(aliases))
+        replacement = self._table_text(rule)
+        if replacement is None:
+            return item
         location = body.get("location")
         if not isinstance(location, int) or location < 0:
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected table reference")
-        parts = [relname] if schema is None else [schema, relname]
-        end = name_span(self.b, location, parts)
-        alias = None if body.get("alias") else relname
-        self.result.edits.append(Edit(location, end, rule, alias, table_form))
+            raise refuse(r.UNSUPPORTED_SYNTAX, "unexpected table reference")
+        end = self._name_end(location, relname, schema)
+        if table_form:
+            text = f" SELECT * FROM {replacement} AS {quote(relname)} "
+            self.result.table_forms.append(len(self.result.edits))
+        elif alias is None:
+            text = f" {replacement} AS {quote(relname)} "
+        else:
+            text = f" {replacement} "
+        self.result.edits.append(Edit(location, end, text))
+        return item
 
-    def _range_function(self, body: Node, scope: Scope, depth: int) -> None:
-        for group in body.get("functions", ()):
-            _, items = _only(group)
-            call = (items.get("items") or [None])[0]
-            call_kind, call_body = _only(call)
-            if call_kind != "FuncCall":
-                raise UnsafeQuery(r.FORBIDDEN_FUNCTION, "only functions may appear in FROM")
-            name = self._function_name(call_body)
-            if name not in SET_RETURNING_FUNCTIONS or name not in self.functions:
-                raise UnsafeQuery(r.FORBIDDEN_FUNCTION, f"function {name!r} is not allowed in FROM")
-        self.fields(body, scope, depth)
+    def _name_end(self, location: int, relname: str, schema: str | None) -> int:
+        """Where the table name at ``location`` ends (plain names without reading them)."""
+        b = self.b
+        if schema is None:
+            plain = relname.encode()
+            end = location + len(plain)
+            if b.startswith(plain, location) and (end == len(b) or b[end] in NAME_FOLLOWS):
+                after = end
+                while after < len(b) and b[after] in b" \t\r\n":
+                    after += 1
+                if after == len(b) or b[after] not in NAME_RISKY:
+                    return end
+        return name_span(b, location, [relname] if schema is None else [schema, relname])
 
-    # -- expressions ---------------------------------------------------------------------------
+    def _table_text(self, rule: TableRule) -> str | None:
+        """The text that replaces a reference to ``rule``'s table (None: left as written)."""
+        if rule.tenant_column is not None:
+            self.result.placeholders += 1
+        return wrapper(rule, self.schema, self.placeholder, self.barrier)
 
-    def _function_name(self, body: Node) -> str:
-        names = _names(body.get("funcname"))
+    def _range_function(self, body: Node, level: Level, depth: int) -> Item:
+        names: list[str] = []
+        complete = True
+        scalar = False
+        functions: list[Any] = body.get("functions") or []
+        saved, level.lateral_active = level.lateral_active, True  # implicitly LATERAL
+        try:
+            for group in functions:
+                _, items = only(group)
+                call, coldefs = ([*(items.get("items") or []), None, None])[:2]
+                call_kind, call_body = only(call)
+                if call_kind != "FuncCall":
+                    raise refuse(r.FORBIDDEN_FUNCTION, "only functions may appear in FROM")
+                name = self._function_name(call_body)
+                if name not in SET_RETURNING or name not in self.functions:
+                    raise refuse(
+                        r.FORBIDDEN_FUNCTION,
+                        f"function {name!r} is not allowed in FROM",
+                        hint="allowed: " + ", ".join(sorted(SET_RETURNING)),
+                    )
+                # unnest(a, b) in FROM is PostgreSQL's own rewrite into ROWS FROM (unnest(a),
+                # unnest(b)), made only for the unqualified name
+                multi = name == "unnest" and len(call_body.get("args") or ()) > 1
+                self._func_call(call_body, level, depth, qualify=not multi)
+                if coldefs:
+                    names += self._column_defs(coldefs)
+                    continue
+                shape = SET_RETURNING[name]
+                if shape is None:
+                    names.append(name)
+                    scalar = True
+                elif shape:
+                    names += shape
+                else:
+                    complete = False
+        finally:
+            level.lateral_active = saved
+        alias, aliases = alias_of(body)
+        if body.get("coldeflist"):
+            names = self._column_defs(body["coldeflist"])
+            complete = True
+        elif scalar and len(functions) == 1 and alias is not None:
+            names = [alias]  # a scalar function's column takes the table alias
+        if body.get("ordinality"):
+            names.append("ordinality")
+        cols = Cols(tuple(names), True) if complete else UNKNOWN
+        refname = alias
+        if refname is None and len(functions) == 1:
+            _, group = only(functions[0])
+            refname = self._function_name(only(group["items"][0])[1])
+        return Item(refname, cols.renamed(aliases))
+
+    def _column_defs(self, defs: object) -> list[str]:
+        if isinstance(defs, dict):
+            defs = (defs.get("List") or {}).get("items")
+        names: list[str] = []
+        for item in defs if isinstance(defs, list) else ():
+            kind, body = only(item)
+            if kind != "ColumnDef" or not isinstance(body.get("colname"), str):
+                raise refuse(r.UNSUPPORTED_SYNTAX, "unexpected column definition")
+            self._type_name(body.get("typeName"))
+            names.append(body["colname"])
         if not names:
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected function call")
-        if len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
-            raise UnsafeQuery(
-                r.SCHEMA_NOT_ALLOWED, f"function {'.'.join(names)!r}: schema not allowed"
+            raise refuse(r.UNSUPPORTED_SYNTAX, "unexpected column definition")
+        return names
+
+    # -- target list ---------------------------------------------------------------------------
+
+    def _targets(self, targets: list[Node], level: Level, depth: int) -> Cols:
+        names: list[str] = []
+        complete = True
+        for target in targets:
+            rt = target["ResTarget"]
+            val = rt["val"]
+            kind, body = only(val)
+            star = (
+                self._star_columns(kind, body, level, depth)
+                if kind == "ColumnRef" or kind == "A_Indirection"
+                else None
             )
-        return names[-1]
+            if star is not None:
+                names += star.names
+                complete = complete and star.complete
+                continue
+            self.expr(val, level, depth)
+            names.append(rt["name"] if rt.get("name") else figure_colname(val)[0])
+        return Cols(tuple(names), complete)
 
-    def _func_call(self, body: Node, scope: Scope, depth: int) -> None:
-        name = self._function_name(body)
-        if name not in self.functions:
-            raise UnsafeQuery(
-                r.FORBIDDEN_FUNCTION,
-                f"function {name!r} is not allowed",
-                hint="use aggregates, arithmetic, string, date/time and conditional functions",
-            )
-        self.fields(body, scope, depth)
-
-    def _operator(self, names: list[str]) -> None:
-        if len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
-            raise UnsafeQuery(
-                r.SCHEMA_NOT_ALLOWED, f"operator {'.'.join(names)!r}: schema not allowed"
-            )
-
-    def _a_expr(self, body: Node, scope: Scope, depth: int) -> None:
-        self._operator(_names(body.get("name")))
-        self.fields(body, scope, depth)
-
-    def _sublink(self, body: Node, scope: Scope, depth: int) -> None:
-        self._operator(_names(body.get("operName")))
-        self.fields(body, scope, depth)
-
-    def _sort_by(self, body: Node, scope: Scope, depth: int) -> None:
-        self._operator(_names(body.get("useOp")))
-        self.fields(body, scope, depth)
-
-    def _collate(self, body: Node, scope: Scope, depth: int) -> None:
-        names = _names(body.get("collname"))
-        if len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
-            raise UnsafeQuery(r.SCHEMA_NOT_ALLOWED, "collation: schema not allowed")
-        self.fields(body, scope, depth)
-
-    def _column_ref(self, body: Node, scope: Scope, depth: int) -> None:
-        if len(body.get("fields", ())) > 2:
-            raise UnsafeQuery(
-                r.UNSUPPORTED_SYNTAX,
-                "qualify columns with a table name or alias only (alias.column)",
-            )
-
-    def _sql_value_function(self, body: Node, scope: Scope, depth: int) -> None:
-        op = body.get("op")
-        if op not in SQL_VALUE_FUNCTIONS:
-            name = str(op).removeprefix("SVFOP_").lower()
-            raise UnsafeQuery(r.FORBIDDEN_FUNCTION, f"{name} is not allowed")
-
-    def _type_cast(self, body: Node, scope: Scope, depth: int) -> None:
-        self.fields(body, scope, depth)
-
-    def _type_name_node(self, body: Node, scope: Scope, depth: int) -> None:
-        self._type_name(body)
-
-    def _type_name(self, body: object) -> None:
-        if not isinstance(body, dict):
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "unexpected type name")
-        names = _names(body.get("names"))
-        if not names or len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
-            raise UnsafeQuery(r.SCHEMA_NOT_ALLOWED, "type: schema not allowed")
-        if names[-1].lower().startswith("reg"):
-            raise UnsafeQuery(
-                r.FORBIDDEN_TYPE, f"type {names[-1]!r} reads the catalog; it is not allowed"
-            )
-        if body.get("pct_type"):
-            raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "%TYPE is not supported")
-        for mod in body.get("typmods", ()):
-            kind, _ = _only(mod)
-            if kind != "A_Const":
-                raise UnsafeQuery(r.UNSUPPORTED_SYNTAX, "type modifiers must be constants")
-
-
-_HANDLERS: dict[str, Callable[[_Walker, Node, Scope, int], None]] = {
-    "SelectStmt": _Walker._select,
-    "RangeVar": _Walker._range_var,
-    "RangeFunction": _Walker._range_function,
-    "FuncCall": _Walker._func_call,
-    "TypeCast": _Walker._type_cast,
-    "A_Expr": _Walker._a_expr,
-    "SubLink": _Walker._sublink,
-    "SortBy": _Walker._sort_by,
-    "CollateClause": _Walker._collate,
-    "ColumnRef": _Walker._column_ref,
-    "SQLValueFunction": _Walker._sql_value_function,
-    "TypeName": _Walker._type_name_node,
-}
-
-
-def _is_table_form(body: Node) -> bool:
-    # ``TABLE name`` parses as SELECT * FROM name with no source location for the star
-    targets = body.get("targetList")
-    if not targets or len(targets) != 1 or len(body.get("fromClause", ())) != 1:
-        return False
-    target = targets[0].get("ResTarget", {})
-    return target.get("location") == -1 and "RangeVar" in body["fromClause"][0]
+    def _star_columns(self, kind: str, body: Node, level: Level, depth: int) -> Cols | None:
+        if kind == "ColumnRef":
+            fields = body.get("fields") or []
+            if not fields or "A_Star" not in fields[-1]:
+                return None
+            if len(fields) == 1:
+                names: list[str] = []
+                complete = True
+                for entry in level.items:
+                    if entry.cols_visible:
+                        names += entry.cols.names
+                        complete = complete and entry.cols.complete
+                return Cols(tuple(names), complete)
+            if len(fields) == 2:
+                return self._relation(name_list(fields[:1])[0], level).cols
+            raise refuse(r.UNSUPPORTED_SYNTAX, "qualify columns with a table name or alias only")
+        if kind == "A_Indirection":
+            indirection = body.get("indirection") or []
+            if len(indirection) == 1 and "A_Star" in indirection[0]:
+                self.expr(body.get("arg"), level, depth)  # a cast to a refused type first
+                return self._whole_row(body.get("arg"), level, depth).cols
+        return None
 
 
 def analyze(
@@ -418,24 +492,28 @@ def analyze(
     functions: frozenset[str],
     max_depth: int,
     allow_recursive: bool = True,
+    placeholder: str = ":tenant_id",
+    barrier: bool = True,
 ) -> tuple[Analysis, int, int]:
     """Check the single statement of ``tree``; its analysis and its byte span in ``b``."""
     stmts = tree.get("stmts") or []
     if not stmts:
-        raise UnsafeQuery(r.EMPTY_QUERY, "the query is empty")
+        raise refuse(r.EMPTY_QUERY, "the query is empty")
     if len(stmts) > 1:
-        raise UnsafeQuery(
+        raise refuse(
             r.MULTIPLE_STATEMENTS, "send exactly one statement", hint="remove the semicolons"
         )
     raw = stmts[0]
-    kind, body = _only(raw.get("stmt"))
+    kind, body = only(raw.get("stmt"))
     if kind != "SelectStmt":
-        raise UnsafeQuery(r.NOT_A_SELECT, "only SELECT queries are accepted")
-    walker = _Walker(b, rules, schema, functions, max_depth, allow_recursive)
+        if kind in WRITES:
+            raise refuse(r.NOT_A_SELECT, "only SELECT queries are accepted")
+        raise refuse(r.NOT_A_SELECT, "only SELECT queries are accepted")
+    walker = _Walker(b, rules, schema, functions, max_depth, allow_recursive, placeholder, barrier)
     try:
-        walker.node(kind, body, frozenset(), 0)
+        walker.result.output = walker.query(body, None, 0)
     except RecursionError:
-        raise UnsafeQuery(r.TOO_COMPLEX, "query nests too deeply") from None
+        raise refuse(r.TOO_COMPLEX, "query nests too deeply") from None
     start = int(raw.get("stmt_location", 0))
     length = int(raw.get("stmt_len", 0))
     end = start + length if length else len(b)

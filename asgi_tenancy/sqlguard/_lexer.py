@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..errors import UnsafeQuery
 from . import _reasons as r
 
-__all__ = ["name_span"]
+__all__ = ["identifier", "name_span", "skip_space"]
 
 _SPACE = b" \t\n\r\f\v"
 _IDENT_START = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_") | frozenset(
@@ -69,7 +69,7 @@ def _quoted(b: bytes, i: int) -> tuple[int, bytes]:
             return k + 1, bytes(out)
 
 
-def _identifier(b: bytes, i: int) -> tuple[int, bytes | None]:
+def identifier(b: bytes, i: int) -> tuple[int, bytes | None]:
     """End of the identifier at ``i`` and its normalised name (``None``: Unicode escapes)."""
     if i >= len(b):
         raise _mismatch()
@@ -106,7 +106,7 @@ def name_span(b: bytes, start: int, parts: list[str]) -> int:
             if not b.startswith(b".", i):
                 raise _mismatch()
             i = skip_space(b, i + 1)
-        i, name = _identifier(b, i)
+        i, name = identifier(b, i)
         if name is not None and name[:63] != part.encode()[:63]:
             raise _mismatch()
     j = skip_space(b, i)

@@ -13,12 +13,22 @@ import re
 from ..errors import UnsafeQuery
 from . import _reasons as r
 
-__all__ = ["OPERATOR_BUDGET", "check_limits"]
+__all__ = ["OPERATOR_BUDGET", "check_limits", "check_text"]
 
 # Characters that build binary or unary operator chains (``1+1+1...``, ``- - - 1``, ``x::t::t``).
 _OPERATOR_CHARS = "+-*/<>=~!@#%^&|:"
 OPERATOR_BUDGET = 2_000
 _NOT_BRACKET = re.compile(r"[^()\[\]]+")
+
+
+def check_text(sql: str) -> bytes:
+    """The UTF-8 form of ``sql``; ``UnsafeQuery(invalid_text)`` for what no server accepts."""
+    if "\x00" in sql:
+        raise UnsafeQuery(r.INVALID_TEXT, "the query holds a NUL character")
+    try:
+        return sql.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafeQuery(r.INVALID_TEXT, "the query is not valid Unicode text") from None
 
 
 def check_limits(sql: str, *, max_length: int, max_depth: int) -> None:

@@ -2,7 +2,9 @@
 
 With no ``DATABASE_URL`` (a superuser URL) it starts PostgreSQL from the ``pgserver`` wheel in
 ``.tenancy-demo/`` (kept between runs), provisions two tenants whose ids collide, prints the
-commands to try, and serves on http://127.0.0.1:8000 until Ctrl-C, which stops the server too.
+commands to try, and serves on http://127.0.0.1:8000 until Ctrl-C or SIGTERM (``kill``,
+``docker stop``, an IDE's stop button), which stop the embedded server too. A start after a
+crash (``kill -9``) takes the server over again, so the next stop stops it.
 ``TENANCY_ISOLATION=row|schema|database|query`` picks the strategy (default ``row``); each gets
 a database of its own on the embedded server, so switching strategies keeps every one's data.
 """
@@ -10,11 +12,16 @@ a database of its own on the embedded server, so switching strategies keeps ever
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
+import signal
+import socket
 import time
 import warnings
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import jwt
 import uvicorn
@@ -40,15 +47,79 @@ def _secret() -> str:
     return path.read_text().strip()
 
 
-def _start_embedded(isolation: str) -> tuple[str, object]:
-    import pgserver
-
+def _start_embedded(isolation: str) -> tuple[str, Any]:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = pgserver.get_server(DATA_DIR / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset (as root, say)
+        import pgserver
+
+        pgdata = DATA_DIR / "pgdata"
+        _forget_dead_users(pgdata)
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     url = make_url(server.get_uri()).set(database=f"tenancy_demo_{isolation}")
     return url.render_as_string(hide_password=False), server
+
+
+def _users_file(pgdata: Path) -> Path:
+    return pgdata / ".handle_pids.json"  # pgserver's list of the processes using the server
+
+
+def _forget_dead_users(pgdata: Path) -> None:
+    """Drop the processes that died without saying so (``kill -9``) from pgserver's list.
+
+    pgserver stops the server when its last user leaves; a dead pid left in the list would
+    count as a user forever, so the server would never be stopped again.
+    """
+    import psutil  # type: ignore[import-untyped]
+    from pgserver.postgres_server import PostgresServer
+
+    path = _users_file(pgdata)
+    with PostgresServer._lock:  # the lock pgserver itself takes to change the list
+        try:
+            pids = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _is_python(psutil, pid)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+
+
+def _is_python(psutil: Any, pid: int) -> bool:
+    # A pid reused by another program since is not a user either.
+    try:
+        return "python" in psutil.Process(pid).name().lower()
+    except psutil.Error:
+        return False
+
+
+def _stop_embedded(server: Any) -> None:
+    server.cleanup()  # stops the server unless another process still uses it
+    pgdata = Path(server.pgdata)
+    if not (pgdata / "postmaster.pid").exists():
+        print("embedded PostgreSQL stopped", flush=True)
+        return
+    try:
+        others = json.loads(_users_file(pgdata).read_text())
+    except (OSError, ValueError):
+        others = []
+    print(f"embedded PostgreSQL left running for processes {others}", flush=True)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)  # unwinds like Ctrl-C, so the embedded server is stopped
+
+
+class _Server(uvicorn.Server):
+    """Prints the commands to try once the socket listens, not before."""
+
+    def __init__(self, config: uvicorn.Config, instructions: str) -> None:
+        super().__init__(config)
+        self.instructions = instructions
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.instructions, flush=True)
 
 
 async def _create_database(url: str) -> None:
@@ -92,7 +163,7 @@ def _instructions(secret: str, isolation: str) -> str:
         f"  curl -s {base}/projects                               # 400: no tenant",
         f"  curl -s -H 'x-tenant-id: initech' {base}/projects     # 404: unknown tenant",
         "",
-        f"  API docs: {base}/docs    Ctrl-C stops the API and the embedded PostgreSQL.",
+        f"  API docs: {base}/docs    Ctrl-C (or SIGTERM) stops the API and PostgreSQL.",
         "",
     ]
     return "\n".join(lines)
@@ -103,24 +174,31 @@ def main() -> None:
         isolation = isolation_from_env(default="row")
     except IsolationConfigError as exc:
         raise SystemExit(f"{exc.message} ({exc.hint})") from None
+    # uvicorn handles SIGINT and SIGTERM while it serves, then raises the signal again: with
+    # this handler SIGTERM ends in the `finally` below, as Ctrl-C does, not in an exit 143.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = None
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        url, server = _start_embedded(isolation)
-    else:
-        DATA_DIR.mkdir(parents=True, exist_ok=True)
     try:
+        url = os.environ.get("DATABASE_URL")
+        if not url:
+            url, server = _start_embedded(isolation)
+        else:
+            DATA_DIR.mkdir(parents=True, exist_ok=True)
         if server is not None:
             asyncio.run(_create_database(url))
         database, store = asyncio.run(provision(url, isolation))
         secret = _secret()
         app = create_app(database, store, jwt_secret=secret)
-        print(_instructions(secret, isolation), flush=True)
-        uvicorn.run(app, host=HOST, port=PORT, log_level="warning")
+        config = uvicorn.Config(app, host=HOST, port=PORT, log_level="warning")
+        _Server(config, _instructions(secret, isolation)).run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: a normal way to stop
     finally:
         if server is not None:
-            server.cleanup()  # type: ignore[attr-defined]
-            print("embedded PostgreSQL stopped", flush=True)
+            # A second Ctrl-C must not cut the stop short.
+            for handled in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(handled, signal.SIG_IGN)
+            _stop_embedded(server)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,16 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, WebSocket
+from fastapi import (
+    BackgroundTasks,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    WebSocket,
+)
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
@@ -21,13 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 from starlette.websockets import WebSocketDisconnect
 
-from asgi_tenancy import (
-    HeaderResolver,
-    JWTClaimResolver,
-    TenancyMiddleware,
-    Tenant,
-    TenantStore,
-)
+from asgi_tenancy import HeaderResolver, JWTClaimResolver, TenancyMiddleware, Tenant, TenantStore
 from asgi_tenancy.fastapi import current_tenant, setup_tenancy, tenant_session
 from asgi_tenancy.sqlalchemy import IsolationStrategy, SchemaPerTenant, TenantDatabase
 from asgi_tenancy.sqlguard import SqlGuard
@@ -39,21 +42,31 @@ log = logging.getLogger("examples.fastapi_app")
 Session = Annotated[AsyncSession, Depends(tenant_session)]
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
 
+# Every input is bounded where the database would otherwise fail on it (a 500): ids fit the
+# INTEGER columns, offsets too, and text holds no NUL, which PostgreSQL cannot store (pydantic
+# already refuses unpaired surrogates). Out of range is a 422 problem, never a query.
+INT32_MAX = 2**31 - 1
+NO_NUL = r"^[^\x00]*$"
+MAX_BODY_BYTES = 256 * 1024  # a 20,000-character query fits, even with every character escaped
+ProjectId = Annotated[int, Path(ge=1, le=INT32_MAX)]
+Limit = Annotated[int, Query(ge=1, le=100)]
+Offset = Annotated[int, Query(ge=0, le=INT32_MAX)]
+
 
 class ProjectIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class ProjectPatch(BaseModel):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: str | None = Field(default=None, min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class TaskIn(BaseModel):
-    title: str = Field(min_length=1, max_length=200)
+    title: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class ReportIn(BaseModel):
-    sql: str = Field(min_length=1, max_length=20_000)
+    sql: str = Field(min_length=1, max_length=20_000, pattern=NO_NUL)
 
 
 class TaskOut(BaseModel):
@@ -67,6 +80,29 @@ class ProjectOut(BaseModel):
     id: int
     name: str
     tasks: list[TaskOut] = []
+
+
+class ProjectPage(BaseModel):
+    total: int
+    items: list[ProjectOut]
+
+
+class ExportLine(BaseModel):
+    """One line of ``/export``."""
+
+    id: int
+    title: str
+
+
+class ReportOut(BaseModel):
+    rows: list[dict[str, Any]]
+
+
+class NDJSONResponse(StreamingResponse):
+    media_type = "application/x-ndjson"
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such project here"}}
 
 
 class _Events:
@@ -137,24 +173,23 @@ def create_app(
         store=store,
         exempt=["/health", "/docs", "/openapi.json"],
     )
-    setup_tenancy(app, database=database)
+    setup_tenancy(app, database=database, problem_details=True, max_body_size=MAX_BODY_BYTES)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/projects")
-    async def list_projects(session: Session, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-        limit = max(1, min(limit, 100))
+    async def list_projects(session: Session, limit: Limit = 20, offset: Offset = 0) -> ProjectPage:
         total = await session.scalar(select(func.count()).select_from(Project))
         rows = await session.scalars(
             select(Project)
             .options(selectinload(Project.tasks))
             .order_by(Project.id)
             .limit(limit)
-            .offset(max(0, offset))
+            .offset(offset)
         )
-        return {"total": total, "items": [_project_out(p) for p in rows]}
+        return ProjectPage(total=total or 0, items=[_project_out(p) for p in rows])
 
     @app.post("/projects", status_code=201)
     async def create_project(body: ProjectIn, session: Session) -> ProjectOut:
@@ -171,20 +206,22 @@ def create_app(
             raise HTTPException(404, "project not found")
         return project
 
-    @app.get("/projects/{project_id}")
-    async def get_project(project_id: int, session: Session) -> ProjectOut:
+    @app.get("/projects/{project_id}", responses=NOT_FOUND)
+    async def get_project(project_id: ProjectId, session: Session) -> ProjectOut:
         return _project_out(await _get_project(session, project_id))
 
-    @app.patch("/projects/{project_id}")
-    async def update_project(project_id: int, body: ProjectPatch, session: Session) -> ProjectOut:
+    @app.patch("/projects/{project_id}", responses=NOT_FOUND)
+    async def update_project(
+        project_id: ProjectId, body: ProjectPatch, session: Session
+    ) -> ProjectOut:
         project = await _get_project(session, project_id)
         if body.name is not None:
             project.name = body.name
         await session.commit()
         return _project_out(project)
 
-    @app.delete("/projects/{project_id}", status_code=204)
-    async def delete_project(project_id: int, session: Session) -> None:
+    @app.delete("/projects/{project_id}", status_code=204, responses=NOT_FOUND)
+    async def delete_project(project_id: ProjectId, session: Session) -> None:
         await session.delete(await _get_project(session, project_id))
         await session.commit()
 
@@ -194,9 +231,9 @@ def create_app(
             session.add(AuditEvent(message=message))
             await session.commit()
 
-    @app.post("/projects/{project_id}/tasks", status_code=201)
+    @app.post("/projects/{project_id}/tasks", status_code=201, responses=NOT_FOUND)
     async def create_task(
-        project_id: int,
+        project_id: ProjectId,
         body: TaskIn,
         session: Session,
         tenant: CurrentTenant,
@@ -215,8 +252,17 @@ def create_app(
     async def audit(session: Session) -> list[str]:
         return list(await session.scalars(select(AuditEvent.message).order_by(AuditEvent.id)))
 
-    @app.get("/export")
-    async def export(session: Session) -> StreamingResponse:
+    @app.get(
+        "/export",
+        response_class=NDJSONResponse,
+        responses={
+            200: {
+                "description": "One JSON object per line (NDJSON)",
+                "content": {"application/x-ndjson": {"schema": ExportLine.model_json_schema()}},
+            }
+        },
+    )
+    async def export(session: Session) -> NDJSONResponse:
         """Every task as NDJSON, streamed: the scope holds until the last byte is sent."""
 
         async def lines() -> AsyncIterator[bytes]:
@@ -224,20 +270,33 @@ def create_app(
             async for task in result:
                 yield (json.dumps({"id": task.id, "title": task.title}) + "\n").encode()
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return NDJSONResponse(lines())
 
-    @app.get("/me")
+    @app.get(
+        "/me",
+        openapi_extra={"security": [{"BearerToken": []}]},
+        responses={401: {"description": "No bearer token, or one that fails verification"}},
+    )
     async def me(request: Request, tenant: CurrentTenant) -> dict[str, str]:
         """Needs a bearer token; its org_id claim must match the header when both are sent."""
         if not request.headers.get("authorization", "").lower().startswith("bearer "):
             raise HTTPException(401, "a bearer token is required")
         return {"tenant": tenant.id}
 
-    @app.post("/reports/query")
-    async def report(body: ReportIn, session: Session) -> dict[str, Any]:
+    @app.post(
+        "/reports/query",
+        responses={
+            400: {"description": "Refused by the SQL guard (with its reason), or failed"},
+            504: {"description": "The query ran over its time limit"},
+        },
+        response_model=ReportOut,
+    )
+    async def report(body: ReportIn, session: Session) -> ReportOut:
         """Untrusted SQL (a user's, a model's): refused with a reason, or run on own rows only."""
+        # What the server refuses of the user's SQL is a 400 with its message
+        # (GuardedQueryFailed), a timeout a 504 (GuardedQueryTimeout): run() maps them.
         rows = await reports.run(session, body.sql, max_rows=500, timeout_ms=2000)
-        return {"rows": [dict(row) for row in rows]}
+        return ReportOut(rows=[dict(row) for row in rows])
 
     @app.websocket("/ws/tasks")
     async def task_events(websocket: WebSocket, tenant: CurrentTenant) -> None:

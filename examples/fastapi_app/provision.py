@@ -110,12 +110,10 @@ async def _provision_shared(conn: AsyncConnection, strategy: IsolationStrategy) 
     """Row, query and schema isolation: one database, the app role on DML only."""
     # Serialise concurrent first starts (two test workers, two processes on one folder).
     await conn.execute(text("SELECT pg_advisory_xact_lock(7262)"))
+    # R018, S005: temporary tables outlive a transaction and could shadow a tenant table.
+    database = await conn.scalar(text("SELECT current_database()"))
+    await conn.execute(text(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC, {APP_ROLE}'))
     if isinstance(strategy, SchemaPerTenant):
-        # S005: temporary tables outlive a transaction and could shadow a tenant table.
-        database = await conn.scalar(text("SELECT current_database()"))
-        await conn.execute(
-            text(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC, {APP_ROLE}')
-        )
         await strategy.create_shared_schema(conn, APP_ROLE)
         for tenant_id in TENANTS:
             await strategy.create_tenant_schema(conn, Tenant(tenant_id), APP_ROLE)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import (
     aliased,
     joinedload,
@@ -59,7 +57,9 @@ from asgi_tenancy import (
     central_scope,
     tenant_scope,
 )
+from asgi_tenancy.errors import DatabaseNotValidated
 from asgi_tenancy.sqlalchemy import QueryScoping, TenantDatabase, allow_unscoped
+from tests.adversarial import scoping
 from tests.adversarial.models import (
     ROWS_PER_TENANT,
     Account,
@@ -69,81 +69,12 @@ from tests.adversarial.models import (
     Task,
     seed_rows,
 )
+from tests.adversarial.scoping import Backend, open_database, scoping_strategy
 
 ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
 PROJECTS = Base.metadata.tables["projects"]
 TASKS = Base.metadata.tables["tasks"]
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One database seen twice: as the application, and as an admin reading back."""
-
-    name: str
-    app_url: str
-    admin_url: str
-
-
-def _strategy() -> QueryScoping:
-    return QueryScoping(metadata=Base.metadata, shared_tables={"currencies"})
-
-
-async def _create(url: str) -> None:
-    engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-    await engine.dispose()
-
-
-@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
-def backend(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Backend]:
-    if request.param == "postgresql":
-        pg = request.getfixturevalue("pg_database")
-        asyncio.run(_create(pg.admin_url))
-        yield Backend("postgresql", pg.app_url, pg.admin_url)
-        return
-    path: Path = tmp_path_factory.mktemp("scoping") / "tenancy.db"
-    url = f"sqlite+aiosqlite:///{path}"
-    asyncio.run(_create(url))
-    yield Backend("sqlite", url, url)
-
-
-@pytest.fixture
-async def admin(backend: Backend) -> AsyncIterator[AsyncEngine]:
-    """Reads back what really happened; reseeds the rows before each test."""
-    engine = create_async_engine(backend.admin_url)
-    async with engine.begin() as conn:
-        for table in reversed(Base.metadata.sorted_tables):
-            await conn.execute(table.delete())
-        for name, rows in seed_rows().items():
-            await conn.execute(insert(Base.metadata.tables[name]), rows)
-    yield engine
-    await engine.dispose()
-
-
-def _no_fsync(dbapi_connection: Any, record: Any) -> None:
-    # A throwaway test file: skipping fsync keeps 500 serialised commits fast.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA synchronous = OFF")
-    cursor.close()
-
-
-async def _open(backend: Backend, strategy: QueryScoping, **pool: int) -> TenantDatabase:
-    options: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, **pool}
-    database = TenantDatabase(backend.app_url, strategy, engine_options=options)
-    if backend.name == "sqlite":
-        event.listen(database.engine.sync_engine, "connect", _no_fsync)
-    await database.validate()
-    return database
-
-
-@pytest.fixture
-async def db(backend: Backend, admin: AsyncEngine) -> AsyncIterator[TenantDatabase]:
-    database = await _open(backend, _strategy())
-    yield database
-    await database.dispose()
+backend, admin, db = scoping.backend, scoping.admin, scoping.db  # the fixtures of both backends
 
 
 def foreign_rows(rows: Iterable[Any], tenant: Tenant) -> list[Any]:
@@ -373,7 +304,7 @@ async def test_the_tenant_of_a_row_cannot_change(db: TenantDatabase, admin: Asyn
             await s.execute(update(Project).values(tenant_id="globex"))
         with pytest.raises(TenantContextError):
             await s.execute(update(Project).values({Project.tenant_id: "acme"}))
-        with pytest.raises(UnsafeQuery):
+        with pytest.raises(TenantContextError):
             await s.execute(update(Project), [{"tenant_id": "globex", "id": 1, "name": "x"}])
     assert await _unchanged(admin)
 
@@ -413,7 +344,7 @@ async def test_an_expired_object_is_checked_against_the_database(
     backend: Backend, admin: AsyncEngine
 ) -> None:
     database = TenantDatabase(
-        backend.app_url, _strategy(), session_options={"expire_on_commit": True}
+        backend.app_url, scoping_strategy(), session_options={"expire_on_commit": True}
     )
     await database.validate()
     async with tenant_scope(ACME), database.session() as s:
@@ -442,8 +373,8 @@ async def test_raw_sql_is_refused_in_a_scope(db: TenantDatabase, admin: AsyncEng
         with pytest.raises(UnsafeQuery) as core:
             await s.execute(select(PROJECTS))
         assert core.value.reason == "core_statement"
-        with pytest.raises(UnsafeQuery):
-            await s.execute(update(TASKS).values(title="pwned"))
+        with pytest.raises(UnsafeQuery):  # a Core write that reads another tenant table
+            await s.execute(update(TASKS).where(TASKS.c.id.in_(select(PROJECTS.c.id))))
         conn = await s.connection()
         with pytest.raises(UnsafeQuery):
             await conn.execute(text("DELETE FROM tasks"))
@@ -562,6 +493,29 @@ async def test_smuggled_criteria_stay_inside_the_tenant(db: TenantDatabase) -> N
     assert all(n.startswith("acme-") for n in unioned)
 
 
+async def test_aliases_named_only_by_columns_and_any_has_stay_inside_the_tenant(
+    db: TenantDatabase,
+) -> None:
+    other = aliased(Task)
+    async with tenant_scope(ACME), db.session() as s:
+        titles = (await s.scalars(select(other.title))).all()
+        named = select(Project.name).where(Project.id == other.project_id, other.id <= 5)
+        joined = (await s.scalars(named)).all()
+        theirs = select(Project).where(Project.tasks.any(Task.title.like("globex-%")))
+        none = (await s.scalars(theirs)).all()
+        mine = select(Task).where(Task.project.has(Project.name == "acme-project-2"))
+        owned = (await s.scalars(mine)).all()
+        with pytest.raises(UnsafeQuery):  # the aliased entity beside its raw table
+            await s.execute(select(func.count()).select_from(other).select_from(TASKS))
+    assert len(titles) == ROWS_PER_TENANT
+    assert all(t.startswith("acme-") for t in titles)
+    assert len(joined) == 5
+    assert all(n.startswith("acme-") for n in joined)
+    assert none == []
+    assert sorted(t.id for t in owned) == [1, 6, 11, 16]
+    assert foreign_rows(owned, ACME) == []
+
+
 # -- issue 9, case 13: unregistered tables -------------------------------------------------
 
 
@@ -579,17 +533,17 @@ async def test_validate_refuses_unclassified_tables_without_touching_the_databas
     Table("audit_log", metadata, Column("id", Integer, primary_key=True))
     Table("plans", metadata, Column("tenant_id", String(63)))
     strategy = QueryScoping(metadata=metadata, shared_tables={"plans", "regions"})
-    codes = sorted(f.code for f in strategy.check())
+    codes = sorted(f.code for f in strategy.check_metadata())
     assert codes == ["Q001", "Q002", "Q003"]
     # An unreachable database: validate() reads only configuration.
     unreachable = "sqlite+aiosqlite:////nonexistent/dir/tenancy.db"
     database = TenantDatabase(unreachable, strategy)
     with pytest.raises(IsolationConfigError, match="Q001"):
         await database.validate()
-    with tenant_scope(ACME), pytest.raises(IsolationConfigError):
+    with tenant_scope(ACME), pytest.raises(DatabaseNotValidated):
         async with database.session():
             pass  # pragma: no cover
-    good = TenantDatabase(unreachable, _strategy())
+    good = TenantDatabase(unreachable, scoping_strategy())
     await good.validate()
     assert good.validated
     await database.dispose()
@@ -673,7 +627,7 @@ async def test_concurrent_tenants_never_see_each_other(
     # SQLite has one writer at a time: a single connection queues the tasks at the pool
     # instead of in SQLite's busy loop; PostgreSQL serves them on ten.
     size = 10 if backend.name == "postgresql" else 1
-    database = await _open(backend, _strategy(), pool_size=size)
+    database = await open_database(backend, scoping_strategy(), pool_size=size)
     tenants = (ACME, GLOBEX, INITECH)
     leaks: list[Any] = []
 
@@ -731,17 +685,18 @@ async def test_error_mid_transaction_then_clean(db: TenantDatabase, admin: Async
 class _Leaky(QueryScoping):
     """A deliberately broken configuration: sessions get no criteria and no guard."""
 
-    def attach(self, database: TenantDatabase) -> None:
-        return None
-
-    def configure_session(self, session: Any, tenant: Tenant) -> None:
-        return None
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.criteria = None
+        self.statement_guard = None
 
 
 async def test_the_leak_check_catches_a_leaky_configuration(
     backend: Backend, admin: AsyncEngine
 ) -> None:
-    leaky = await _open(backend, _Leaky(metadata=Base.metadata, shared_tables={"currencies"}))
+    leaky = await open_database(
+        backend, _Leaky(metadata=Base.metadata, shared_tables={"currencies"})
+    )
     async with tenant_scope(ACME), leaky.session() as s:
         rows = (await s.scalars(select(Project))).all()
         raw = (await s.execute(text("SELECT tenant_id, id, title FROM tasks"))).all()
@@ -834,7 +789,7 @@ async def test_results_and_streams_used_after_the_scope_raise(db: TenantDatabase
 
 
 def test_the_shape_cache_never_lends_a_safe_shape_to_a_smuggled_statement() -> None:
-    from asgi_tenancy.sqlalchemy.query_scoping import _cached_shape
+    from asgi_tenancy.sqlalchemy.query_scoping.shape import cached_shape as _cached_shape
 
     pairs = [
         (Project.name.op("~")("x"), Project.name.op("OR")("x")),

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asgi_tenancy import IsolationConfigError, Tenant, tenant_scope
-from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from asgi_tenancy.sqlalchemy import FairShares, RowLevelSecurity, TenantDatabase
 from tests.adversarial.leaks import assert_no_foreign_rows
 from tests.adversarial.models import ROWS_PER_TENANT, Base
 from tests.adversarial.test_rls import (  # noqa: F401  (the same cases, on the signed binding)
@@ -113,7 +113,7 @@ async def test_a_token_from_another_backend_is_worthless(
                 text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%globex:%'")
             )
             await s.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": stolen[0]})
-            with pytest.raises(DBAPIError, match="not signed for this connection"):
+            with pytest.raises(DBAPIError, match="not signed for this transaction"):
                 await s.execute(text("SELECT count(*) FROM projects"))
     finally:
         release.set()
@@ -190,3 +190,25 @@ async def test_key_rotation_accepts_old_and_new_during_the_switch(
     with pytest.raises(IsolationConfigError, match="R014"):
         await retired.validate()
     await retired.dispose()
+
+
+async def test_a_fair_share_timeout_rides_with_the_signed_binding(
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity
+) -> None:
+    database = TenantDatabase(
+        rls_database.app_url,
+        rls_strategy,
+        engine_options={"pool_size": 1, "max_overflow": 0},
+        shares=FairShares(connections=1, statement_timeout=2500),
+    )
+    await database.validate()
+    try:
+        for tenant in (ACME, GLOBEX, ACME):
+            async with tenant_scope(tenant), database.session() as s:
+                for _ in range(2):  # a fresh token in each transaction, the timeout with it
+                    assert await s.scalar(text("SHOW statement_timeout")) == "2500ms"
+                    rows = (await s.execute(text("SELECT tenant_id FROM projects"))).scalars()
+                    assert set(rows) == {tenant.id}
+                    await s.commit()
+    finally:
+        await database.dispose()

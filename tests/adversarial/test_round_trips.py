@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_tenancy import Tenant, tenant_scope
-from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from asgi_tenancy.sqlalchemy import FairShares, RowLevelSecurity, TenantDatabase
 from benchmarks.wire import WireProxy
 from tests.adversarial.models import Base, Project, seed_rows
 from tests.conftest import PgDatabase
@@ -76,5 +76,37 @@ async def test_a_bound_session_costs_the_same_round_trips_as_a_plain_one(
             await s.get(Project, ("acme", 6))
         # Two transactions, each bound inside its BEGIN: 3 + 3, nothing added by the commit trap.
         assert wire.counter.round_trips - before == 6
+    finally:
+        await db.dispose()
+
+
+async def test_a_fair_share_and_a_statement_timeout_cost_no_round_trip(
+    proxy: tuple[WireProxy, str],
+) -> None:
+    wire, url = proxy
+    db = TenantDatabase(
+        url,
+        _strategy(),
+        engine_options={"pool_size": 2, "max_overflow": 0},
+        shares=FairShares(connections=1, statement_timeout=1234),
+    )
+    await db.validate()
+    slow = Tenant("acme", attributes={"statement_timeout_ms": 4321})
+    try:
+        counts = []
+        for tenant in (ACME, ACME, slow, slow, ACME):
+            before = wire.counter.round_trips
+            async with tenant_scope(tenant), db.session() as s:
+                assert (await s.get(Project, ("acme", 1))) is not None
+            counts.append(wire.counter.round_trips - before)
+        # BEGIN + binding + timeout in one message, SELECT, ROLLBACK: as a plain session.
+        assert counts[1:] == [3, 3, 3, 3]
+
+        for tenant, expected in ((ACME, "1234ms"), (slow, "4321ms")):
+            async with tenant_scope(tenant), db.session() as s:
+                assert await s.scalar(text("SHOW statement_timeout")) == expected
+                await s.commit()  # the next transaction of the session gets it too
+                assert await s.scalar(text("SHOW statement_timeout")) == expected
+                assert await s.scalar(text("SELECT current_setting('app.tenant_id')")) == "acme"
     finally:
         await db.dispose()

@@ -46,7 +46,8 @@ from asgi_tenancy import (
     central_scope,
     tenant_scope,
 )
-from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantDatabase
+from asgi_tenancy.errors import DatabaseNotValidated, TenantPlacementError
+from asgi_tenancy.sqlalchemy import Binding, FairShares, SchemaPerTenant, TenantDatabase
 from tests.conftest import APP_ROLE, PgDatabase
 
 ROWS = 20
@@ -308,7 +309,7 @@ async def test_raw_sql_reads_the_tenant_schema_only(db: TenantDatabase) -> None:
         raw = (await s.execute(text("SELECT name FROM projects WHERE id <= 20"))).scalars().all()
         assert _own(GLOBEX, list(raw))
         path = await s.scalar(text("SHOW search_path"))
-        assert path == '"tenant_globex", pg_temp'
+        assert path == "tenant_globex, pg_temp"
 
 
 async def test_a_missing_table_errors_instead_of_reading_public(db: TenantDatabase) -> None:
@@ -324,7 +325,7 @@ async def test_the_binding_survives_commit_and_rollback(db: TenantDatabase) -> N
         names = (await s.execute(text("SELECT name FROM projects"))).scalars().all()
         assert _own(ACME, list(names))
         await s.rollback()
-        assert await s.scalar(text("SHOW search_path")) == '"tenant_acme", pg_temp'
+        assert await s.scalar(text("SHOW search_path")) == "tenant_acme, pg_temp"
 
 
 async def test_pool_reuse_leaves_nothing_behind(role_db: TenantDatabase) -> None:
@@ -334,7 +335,7 @@ async def test_pool_reuse_leaves_nothing_behind(role_db: TenantDatabase) -> None
             row = (await s.execute(text("SELECT pg_backend_pid(), current_user"))).one()
             pids.append(row[0])
             assert row[1] == f"{ROLE_PREFIX}{tenant.id}"
-            assert await s.scalar(text("SHOW search_path")) == f'"rt_{tenant.id}", pg_temp'
+            assert await s.scalar(text("SHOW search_path")) == f"rt_{tenant.id}, pg_temp"
     async with role_db.engine.connect() as conn:
         row = (await conn.execute(text("SELECT pg_backend_pid(), current_user"))).one()
         pids.append(row[0])
@@ -476,7 +477,7 @@ async def test_validate_detects_shadowing_tables(
         with pytest.raises(IsolationConfigError, match="S003") as caught:
             await database.validate()
         assert "S002" in str(caught.value)
-        with tenant_scope(ACME), pytest.raises(IsolationConfigError):
+        with tenant_scope(ACME), pytest.raises(DatabaseNotValidated):
             async with database.session():
                 pass  # pragma: no cover
         await database.dispose()
@@ -505,14 +506,14 @@ async def test_two_tenants_on_one_schema_are_refused_in_either_order(db: TenantD
     thief = Tenant("thief", attributes={"schema": "tenant_acme"})
     async with tenant_scope(ACME), db.session() as s:
         await s.scalar(select(func.count()).select_from(Project))
-    with tenant_scope(thief), pytest.raises(IsolationConfigError, match="two tenants"):
+    with tenant_scope(thief), pytest.raises(TenantPlacementError, match="two tenants"):
         async with db.session():
             pass  # pragma: no cover
     fresh = SchemaPerTenant(metadata=Base.metadata)
     database = TenantDatabase(db.engine, fresh)
     await database.validate()
     # Claimed first by the impostor: the schema's owner mark in the catalogue refuses it.
-    with tenant_scope(thief), pytest.raises(IsolationConfigError, match="two tenants"):
+    with tenant_scope(thief), pytest.raises(TenantPlacementError, match="two tenants"):
         async with database.session():
             pass  # pragma: no cover
 
@@ -520,9 +521,9 @@ async def test_two_tenants_on_one_schema_are_refused_in_either_order(db: TenantD
 def test_invalid_schema_names_and_fixed_schema_models_are_refused() -> None:
     strategy = _strategy()
     for bad in ("Tenant", "a-b", "x" * 64, "public", "pg_x", "shared", 'a"b'):
-        with pytest.raises(IsolationConfigError):
+        with pytest.raises(TenantPlacementError):
             strategy.schema_for(Tenant("t", attributes={"schema": bad}))
-    with pytest.raises(IsolationConfigError):
+    with pytest.raises(TenantPlacementError):
         strategy.schema_for(Tenant("Upper"))
 
     class Other(DeclarativeBase):
@@ -598,8 +599,8 @@ async def test_raw_sql_can_move_the_path_only_within_its_roles_privileges(
 class _LeakyPath(SchemaPerTenant):
     """Deliberately broken: every tenant's path is globex's schema."""
 
-    def binding_sql(self, tenant: Tenant) -> str:
-        return "SELECT set_config('search_path', 'tenant_globex', true)"
+    def binding(self, tenant: Tenant) -> Binding:
+        return Binding("SELECT set_config('search_path', 'tenant_globex', true)")
 
 
 async def test_the_leak_check_catches_a_leaky_configuration(schema_database: PgDatabase) -> None:
@@ -693,3 +694,27 @@ async def test_going_around_the_library_inside_a_scope_reaches_no_tenant_schema(
         async with db.engine.connect() as conn:  # the base engine: no tenant on its path
             with pytest.raises(ProgrammingError, match="does not exist"):
                 await conn.execute(text("SELECT name FROM projects"))
+
+
+async def test_a_fair_share_timeout_rides_with_the_schema_binding(
+    schema_database: PgDatabase,
+) -> None:
+    database = TenantDatabase(
+        schema_database.app_url,
+        _strategy(),
+        engine_options={"pool_size": 2, "max_overflow": 0},
+        shares=FairShares(connections=1, statement_timeout=2500),
+    )
+    await database.validate()
+    try:
+        for tenant in (ACME, GLOBEX, ACME):
+            async with tenant_scope(tenant), database.session() as s:
+                for _ in range(2):  # each transaction of the session, after a commit too
+                    assert await s.scalar(text("SHOW statement_timeout")) == "2500ms"
+                    schema = f"tenant_{tenant.id}, pg_temp"
+                    assert await s.scalar(text("SHOW search_path")) == schema
+                    names = (await s.execute(text("SELECT name FROM projects"))).scalars()
+                    assert _own(tenant, list(names))
+                    await s.commit()
+    finally:
+        await database.dispose()

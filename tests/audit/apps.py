@@ -12,12 +12,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from asgi_tenancy.operations import TenantProvisioner
 from asgi_tenancy.sqlalchemy import (
     IsolationStrategy,
     RowLevelSecurity,
     SchemaPerTenant,
-    TenantProvisioner,
     create_tenants_table,
+    tenants_table,
 )
 
 URL_VAR = "TENANCY_AUDIT_TEST_URL"
@@ -71,3 +72,23 @@ def rls_app_without_rights() -> TenantProvisioner:
     engine = create_async_engine(os.environ[ROLE_URL_VAR], poolclass=NullPool)
     strategy = RowLevelSecurity(metadata=metadata, shared_tables=["plans"])
     return TenantProvisioner(engine, strategy, app_role=os.environ[ROLE_VAR])
+
+
+def missing_registry_app() -> TenantProvisioner:
+    """A registry table nobody created: ``tenants create`` must say so, not trace back."""
+    engine = create_async_engine(os.environ[URL_VAR], poolclass=NullPool)
+    strategy = RowLevelSecurity(metadata=metadata, shared_tables=["plans"])
+    table = tenants_table(name="no_such_tenants")
+    return TenantProvisioner(engine, strategy, app_role=os.environ[ROLE_VAR], table=table)
+
+
+def needs_arguments(url: str) -> TenantProvisioner:
+    """A factory the CLI cannot call (it takes an argument)."""
+    raise AssertionError("never called with an argument")
+
+
+def explodes() -> TenantProvisioner:
+    raise RuntimeError("the factory's own failure")
+
+
+NOT_A_PROVISIONER = 42

@@ -20,7 +20,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from asgi_tenancy.sqlalchemy import AuditReport, RowLevelSecurity, audit
+from asgi_tenancy.operations import AuditReport, audit
+from asgi_tenancy.sqlalchemy import RowLevelSecurity
 from tests.conftest import PgDatabase, PgServer, create_database, drop_database
 
 ROLE_PASSWORD = "audit-role-test"

@@ -11,8 +11,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from asgi_tenancy.checks import CHECKS
 from asgi_tenancy.errors import IsolationConfigError
-from asgi_tenancy.sqlalchemy import QueryScoping, audit
+from asgi_tenancy.operations import audit
+from asgi_tenancy.sqlalchemy import QueryScoping
 from tests.audit.conftest import AuditDatabase, unique
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,14 +61,19 @@ async def test_an_app_role_that_is_not_a_plain_name_is_refused(audit_db: AuditDa
         await engine.dispose()
 
 
+def test_every_check_code_is_registered_once_and_used() -> None:
+    core = ROOT / "asgi_tenancy" / "checks.py"
+    sources = [p for p in (ROOT / "asgi_tenancy").rglob("*.py") if p != core]
+    source = "".join(p.read_text() for p in sources)
+    used = set(re.findall(r'"([RSQDAGCT]\d{3})"', source))
+    assert used == set(CHECKS)  # nothing registered and unused, nothing used unregistered
+
+
 def test_every_audit_code_is_documented_and_tested() -> None:
-    source = "".join(
-        p.read_text() for p in (ROOT / "asgi_tenancy" / "sqlalchemy").glob("audit*.py")
-    )
-    codes = set(re.findall(r'"(A\d{3})"', source))
+    codes = {code for code in CHECKS if code.startswith("A")}
     docs = (ROOT / "docs" / "audit.md").read_text()
     tests = "".join(p.read_text() for p in (ROOT / "tests" / "audit").glob("test_*.py"))
-    assert codes == {f"A{n:03d}" for n in range(1, 13)}
+    assert codes == {f"A{n:03d}" for n in range(1, 14)}
     assert {c for c in codes if f"| {c} |" not in docs} == set()
     assert {c for c in codes if f'"{c}"' not in tests} == set()
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from asgi_tenancy.sqlalchemy import AuditReport, audit
+from asgi_tenancy.operations import AuditReport, audit
 from tests.audit.conftest import AuditDatabase, unique
 
 

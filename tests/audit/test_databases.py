@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from asgi_tenancy import Tenant
-from asgi_tenancy.sqlalchemy import AuditReport, DatabasePerTenant
+from asgi_tenancy.operations import AuditReport
+from asgi_tenancy.sqlalchemy import DatabasePerTenant
 from tests.audit.conftest import AuditDatabase
 from tests.conftest import PgDatabase, PgServer, create_database, drop_database
 
@@ -123,6 +124,16 @@ async def test_a_superuser_tenant_url_is_d004(
         assert (await _audit(audit_db, tenant)).findings == ()
     finally:
         await audit_db.sql(f"DROP ROLE {role}")
+
+
+async def test_the_bootstrap_superuser_as_a_tenant_is_d004_with_a_role_of_its_own_as_fix(
+    audit_db: AuditDatabase, tenant_dbs: list[PgDatabase]
+) -> None:
+    db = tenant_dbs[2]
+    report = await _audit(audit_db, _tenant("acme", db.admin_url))  # postgres, oid 10
+    [finding] = [f for f in report.findings if f.code == "D004"]
+    assert "ALTER ROLE" not in finding.fix
+    assert "CREATE ROLE" in finding.fix
 
 
 async def test_a_tenant_database_at_another_revision_is_a008(

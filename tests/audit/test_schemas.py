@@ -10,14 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from asgi_tenancy import Tenant
-from asgi_tenancy.sqlalchemy import (
-    AuditReport,
-    SchemaPerTenant,
-    TenantProvisioner,
-    audit_provisioner,
-    create_tenants_table,
-    tenants_table,
-)
+from asgi_tenancy.operations import AuditReport, TenantProvisioner, audit_provisioner
+from asgi_tenancy.sqlalchemy import SchemaPerTenant, create_tenants_table, tenants_table
 from tests.audit.conftest import AuditDatabase, unique
 
 metadata = sa.MetaData()
@@ -206,3 +200,37 @@ async def test_a_tenant_table_in_public_is_s002(audit_db: AuditDatabase) -> None
         assert ("S002", "public.tags") in report.codes()
     finally:
         await audit_db.sql("DROP TABLE public.tags")
+
+
+async def test_a_hardened_schema_table_without_its_signed_policy_is_a013(
+    audit_db: AuditDatabase,
+) -> None:
+    functions = unique("fn")
+    hardened = SchemaPerTenant(
+        metadata=metadata,
+        hardened=True,
+        signing_keys=["audit-hardened-key-0123456789abcdef"],
+        function_schema=functions,
+    )
+    [tenant] = _tenants("hardy")
+    schema = hardened.schema_for(tenant)
+    await audit_db.sql(
+        f"CREATE SCHEMA {functions}", f"GRANT USAGE ON SCHEMA {functions} TO {audit_db.role}"
+    )
+    engine = audit_db.engine()
+    try:
+        async with engine.begin() as conn:
+            await hardened.install(conn)
+            await hardened.create_tenant_schema(conn, tenant, audit_db.role)
+    finally:
+        await engine.dispose()
+
+    def a013(report: AuditReport) -> set[tuple[str, str]]:
+        return {c for c in report.codes() if c[0] == "A013"}
+
+    assert a013(await audit_db.audit(strategy=hardened, tenants=[tenant])) == set()
+    await audit_db.sql(f"CREATE TABLE {schema}.extra (id int)")
+    report = await audit_db.audit(strategy=hardened, tenants=[tenant])
+    assert a013(report) == {("A013", schema)}
+    await audit_db.sql(_fix(report, "A013", schema))
+    assert a013(await audit_db.audit(strategy=hardened, tenants=[tenant])) == set()

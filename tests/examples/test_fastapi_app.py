@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,33 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.types import Message
 
 from examples.fastapi_app.app import create_app
-from examples.fastapi_app.provision import TENANTS, open_database, provision, tenant_database
-from tests.conftest import PgDatabase, PgServer, create_database, drop_database
-
-SECRET = "example-test-secret-with-enough-bytes"
-STRATEGIES = ["row", "schema", "database", "query"]
-
-
-@dataclass(frozen=True)
-class Demo:
-    isolation: str
-    db: PgDatabase
-
-
-@pytest.fixture(scope="module", params=STRATEGIES)
-def demo(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[Demo]:
-    """A database of this strategy's own, provisioned once (as a second start would find it)."""
-    isolation: str = request.param
-    db = create_database(pg_server, f"example_{isolation}")
-    asyncio.run(provision(db.admin_url, isolation))
-    try:
-        yield Demo(isolation, db)
-    finally:
-        drop_database(pg_server, db)
-        if isolation == "database":
-            for tenant in TENANTS:
-                name = tenant_database(db.admin_url, tenant)
-                drop_database(pg_server, PgDatabase(name, "", ""))
+from examples.fastapi_app.provision import TENANTS, open_database, tenant_database
+from tests.examples.conftest import SECRET, Demo
 
 
 @pytest.fixture
@@ -171,6 +145,153 @@ async def test_refusals(client: httpx.AsyncClient) -> None:
     assert "initech" not in unknown.text
     assert (await client.get("/projects", headers={"x-tenant-id": "bad id!"})).status_code == 400
     assert (await client.get("/health")).status_code == 200
+
+
+def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text[:300]
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert (body["status"], body["code"]) == (status, code)
+    assert "acme" not in response.text
+    return body
+
+
+INT64 = 2**63
+# Each of these is refused before any SQL (pydantic reads "1.0", " 1", "+1" as 1: in range).
+BAD_IDS = ["0", "-1", str(2**31), str(INT64), str(2**64), "1e3", "1.5", "0x10", "%00", "\uff11"]
+BAD_PAGES = [
+    *(f"limit={v}" for v in ("0", "101", "-1", str(INT64), "x")),
+    *(f"offset={v}" for v in ("-1", str(2**31), str(INT64), str(10**40), "1e9")),
+]
+BAD_TEXT = ["", "a\x00b", "\x00", "x" * 201]
+
+
+@pytest.mark.parametrize("project_id", BAD_IDS)
+async def test_an_id_out_of_range_or_malformed_is_a_422_never_a_query(
+    client: httpx.AsyncClient, project_id: str
+) -> None:
+    acme = {"x-tenant-id": "acme"}
+    for method, path, body in [
+        ("GET", f"/projects/{project_id}", None),
+        ("PATCH", f"/projects/{project_id}", {"name": "x"}),
+        ("DELETE", f"/projects/{project_id}", None),
+        ("POST", f"/projects/{project_id}/tasks", {"title": "x"}),
+    ]:
+        response = await client.request(method, path, json=body, headers=acme)
+        problem(response, 422, "request_validation")
+
+
+@pytest.mark.parametrize("query", BAD_PAGES)
+async def test_a_page_out_of_range_is_a_422(client: httpx.AsyncClient, query: str) -> None:
+    response = await client.get(f"/projects?{query}", headers={"x-tenant-id": "acme"})
+    problem(response, 422, "request_validation")
+
+
+@pytest.mark.parametrize("text", BAD_TEXT)
+async def test_text_postgresql_cannot_store_is_a_422(
+    client: httpx.AsyncClient, demo: Demo, text: str
+) -> None:
+    acme = {"x-tenant-id": "acme"}
+    for method, path, body in [
+        ("POST", "/projects", {"name": text}),
+        ("PATCH", "/projects/1", {"name": text}),
+        ("POST", "/projects/1/tasks", {"title": text}),
+    ]:
+        problem(
+            await client.request(method, path, json=body, headers=acme), 422, "request_validation"
+        )
+    if text:
+        response = await client.post("/reports/query", json={"sql": text}, headers=acme)
+        assert response.status_code in (400, 422)
+        assert response.headers["content-type"] == "application/problem+json"
+    assert await stored(demo, "projects", "name", text.replace("\x00", "")) == set()
+
+
+async def test_an_unpaired_surrogate_is_a_422(client: httpx.AsyncClient) -> None:
+    body = b'{"name": "a\\ud800b"}'
+    response = await client.post(
+        "/projects",
+        content=body,
+        headers={"x-tenant-id": "acme", "content-type": "application/json"},
+    )
+    problem(response, 422, "request_validation")
+
+
+async def test_a_body_over_the_limit_is_a_413(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/projects", json={"name": "x" * 300_000}, headers={"x-tenant-id": "acme"}
+    )
+    problem(response, 413, "content_too_large")
+    assert len(response.content) < 500
+
+
+async def test_fastapis_own_errors_are_problems_too(client: httpx.AsyncClient) -> None:
+    acme = {"x-tenant-id": "acme"}
+    problem(await client.get("/nowhere", headers=acme), 404, "not_found")
+    missing = problem(await client.get("/projects/999999", headers=acme), 404, "not_found")
+    assert missing["detail"] == "project not found"
+    wrong = await client.put("/projects/1", headers=acme)
+    problem(wrong, 405, "method_not_allowed")
+    assert wrong.headers["allow"] == "DELETE, GET, PATCH"
+    problem(await client.get("/me", headers=acme), 401, "unauthorized")
+
+
+async def test_every_tenant_operation_refuses_a_request_that_names_no_tenant(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    schema = app.openapi()
+    checked = 0
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            url = path.replace("{project_id}", "1")
+            body = (
+                {"name": "x", "title": "x", "sql": "SELECT 1"}
+                if "requestBody" in operation
+                else None
+            )
+            response = await client.request(method.upper(), url, json=body)
+            if "security" not in operation:
+                assert path == "/health"
+                assert response.status_code == 200
+                continue
+            problem(response, 400, "tenant_context")
+            forged = await client.request(
+                method.upper(),
+                url,
+                json=body,
+                headers={"authorization": f"Bearer {_token('acme')}x"},
+            )
+            problem(forged, 401, "invalid_token")
+            checked += 1
+    assert checked == 10
+
+
+@pytest.mark.parametrize(
+    ("sql", "detail"),
+    [
+        ("SELECT 1 / 0", "division by zero"),
+        ("SELECT 'x'::int", 'invalid input syntax for type integer: "x"'),
+        ("SELECT 2147483647 + 1", "integer out of range"),
+        ("SELECT (SELECT id FROM projects)", "more than one row returned by a subquery"),
+        ("SELECT name::int FROM projects", "invalid input syntax for type integer"),
+    ],
+)
+async def test_a_report_the_database_rejects_is_a_400_with_its_message(
+    client: httpx.AsyncClient, sql: str, detail: str
+) -> None:
+    body = problem(await report(client, "acme", sql), 400, "guarded_query_failed")
+    assert body["detail"].startswith(detail)
+    again = await report(client, "acme", "SELECT count(*) AS n FROM projects")
+    assert again.status_code == 200  # the session and its connection are fine afterwards
+
+
+async def test_a_report_over_its_time_limit_is_a_504(client: httpx.AsyncClient) -> None:
+    endless = (
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT count(*) FROM t"
+    )
+    response = await report(client, "acme", endless)
+    problem(response, 504, "guarded_query_timeout")
+    assert response.headers["retry-after"] == "1"
 
 
 async def test_concurrent_requests_never_cross(client: httpx.AsyncClient) -> None:

@@ -14,6 +14,7 @@ from asgi_tenancy import (
     HeaderResolver,
     InMemoryTenantStore,
     IsolationConfigError,
+    JWTClaimResolver,
     TenancyMiddleware,
     Tenant,
     TenantContextError,
@@ -205,11 +206,158 @@ def test_setup_refuses_something_that_is_not_a_database() -> None:
     assert isinstance(FakeDatabase(), TenantDatabaseLike)
 
 
-async def test_openapi_documents_the_tenant_header() -> None:
-    schema = (await get(make_app(), "/openapi.json")).json()
-    parameters = schema["paths"]["/me"]["get"]["parameters"]
-    assert {"name": "x-tenant-id", "in": "header"}.items() <= parameters[0].items()
-    assert schema == (await get(make_app(), "/openapi.json")).json()
+async def test_a_forgotten_middleware_stops_start_up() -> None:
+    app = FastAPI()
+    setup_tenancy(app, database=FakeDatabase())
+    sent: list[Message] = []
+    with pytest.raises(IsolationConfigError, match="TenancyMiddleware"):
+        await lifespan(app, sent)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert app.state.tenancy_database.calls == []  # refused before validating anything
+
+
+async def test_a_middleware_wrapped_around_the_app_by_hand_passes_the_start_up_check() -> None:
+    database = FakeDatabase()
+    app = FastAPI()
+    setup_tenancy(app, database=database)
+    wrapped = TenancyMiddleware(app, resolvers=[HeaderResolver()], store=STORE)
+    sent = await lifespan(wrapped)  # type: ignore[arg-type]
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert database.calls == ["validate", "dispose"]
+
+
+async def test_without_the_middleware_a_request_is_a_server_error_not_the_clients() -> None:
+    app = FastAPI()  # no lifespan run (a test client that skips it): caught per request
+    setup_tenancy(app)
+
+    @app.get("/me")
+    async def me(tenant: Annotated[Tenant, Depends(current_tenant)]) -> dict[str, str]:
+        return {"tenant": tenant.id}
+
+    response = await get(app, "/me", "acme")
+    assert response.status_code == 500
+    assert response.json()["code"] == "isolation_config"
+    assert "acme" not in response.text
+
+
+def openapi(app: FastAPI) -> dict[str, Any]:
+    schema = app.openapi()
+    assert schema == app.openapi()  # built once, the same every time
+    return schema
+
+
+def jwt_app(**options: Any) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(
+        TenancyMiddleware,
+        resolvers=[
+            HeaderResolver("x-org"),
+            JWTClaimResolver(algorithms=["HS256"], key=b"k" * 32, claim="org_id"),
+        ],
+        store=STORE,
+        exempt=["/health"],
+    )
+    setup_tenancy(app, **options)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/items/{item_id}")
+    async def item(item_id: int, body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    return app
+
+
+def test_openapi_has_the_header_as_a_security_scheme_and_no_header_parameter() -> None:
+    schema = openapi(make_app())
+    assert schema["components"]["securitySchemes"] == {
+        "TenantHeader": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "x-tenant-id",
+            "description": "The tenant this request acts for.",
+        }
+    }
+    assert schema["paths"]["/me"]["get"]["security"] == [{"TenantHeader": []}]
+    for item in schema["paths"].values():
+        for operation in item.values():
+            names = {p["name"] for p in operation.get("parameters", [])}
+            assert "x-tenant-id" not in names
+
+
+def test_openapi_exempt_paths_have_no_security_and_no_tenancy_responses() -> None:
+    schema = openapi(make_app())
+    exempt = schema["paths"]["/health/me"]["get"]
+    assert "security" not in exempt
+    assert set(exempt["responses"]) == {"200"}
+
+
+def test_openapi_header_or_token_are_alternatives_and_a_token_can_be_refused() -> None:
+    schema = openapi(jwt_app())
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["TenantHeader"]["name"] == "x-org"
+    assert schemes["BearerToken"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "A JWT whose 'org_id' claim names the tenant.",
+    }
+    operation = schema["paths"]["/items/{item_id}"]["post"]
+    assert operation["security"] == [{"TenantHeader": []}, {"BearerToken": []}]
+    assert {"400", "401", "404", "503"} <= set(operation["responses"])
+    assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_openapi_documents_the_problem_responses_with_their_schema() -> None:
+    schema = openapi(make_app())
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    responses = schema["paths"]["/me"]["get"]["responses"]
+    for status in ("400", "404", "503"):
+        assert responses[status]["content"] == problem
+        assert responses[status]["description"]
+    assert "401" not in responses  # no token resolver, no 401 from the library
+    assert "504" not in responses  # no database, no statement timeout
+    with_database = openapi(make_app(FakeDatabase()))["paths"]["/me"]["get"]["responses"]
+    assert with_database["504"]["content"] == problem
+    required = schema["components"]["schemas"]["Problem"]["required"]
+    assert required == ["type", "title", "status", "code", "detail"]
+
+
+def test_openapi_keeps_an_operations_own_security_and_description() -> None:
+    app = make_app()
+
+    @app.get("/own", openapi_extra={"security": []}, responses={404: {"description": "gone"}})
+    async def own() -> None: ...
+
+    operation = openapi(app)["paths"]["/own"]["get"]
+    assert operation["security"] == []
+    assert operation["responses"]["404"]["description"] == "gone"
+    assert "application/problem+json" in operation["responses"]["404"]["content"]
+
+
+def test_openapi_with_problem_details_documents_422_and_413_as_problems() -> None:
+    schema = openapi(jwt_app(problem_details=True, max_body_size=1024))
+    responses = schema["paths"]["/items/{item_id}"]["post"]["responses"]
+    assert responses["422"]["content"] == {
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/ValidationProblem"}}
+    }
+    assert "application/problem+json" in responses["413"]["content"]
+    assert "413" not in schema["paths"]["/health"]["get"]["responses"]  # no body there
+    assert "ValidationProblem" in schema["components"]["schemas"]
+
+
+def test_openapi_left_alone_without_a_tenant_header() -> None:
+    app = FastAPI()
+
+    @app.get("/x")
+    async def x() -> None: ...
+
+    before = app.openapi()
+    app.openapi_schema = None
+    setup_tenancy(app, tenant_header=None)
+    assert app.openapi() == before
 
 
 async def websocket(app: FastAPI, path: str, headers: list[tuple[bytes, bytes]]) -> list[Message]:

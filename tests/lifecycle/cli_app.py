@@ -6,7 +6,8 @@ import os
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_tenancy.sqlalchemy import DatabasePerTenant, SchemaPerTenant, TenantProvisioner
+from asgi_tenancy.operations import TenantProvisioner
+from asgi_tenancy.sqlalchemy import DatabasePerTenant, SchemaPerTenant
 from tests.conftest import APP_ROLE
 from tests.lifecycle.conftest import RUN, metadata
 

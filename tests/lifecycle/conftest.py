@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, Text, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantProvisioner, create_tenants_table
+from asgi_tenancy.operations import TenantProvisioner
+from asgi_tenancy.sqlalchemy import SchemaPerTenant, create_tenants_table
 from asgi_tenancy.sqlalchemy.strategy import IsolationStrategy
 from tests.conftest import APP_ROLE, PgDatabase, PgServer, _admin_execute
 

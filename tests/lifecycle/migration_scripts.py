@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from asgi_tenancy import Tenant, TenantStatus
-from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantProvisioner, tenants_table
+from asgi_tenancy.operations import TenantProvisioner
+from asgi_tenancy.sqlalchemy import SchemaPerTenant, tenants_table
 from asgi_tenancy.sqlalchemy.migrations import env_template
 
 R1, R2 = "r1_items", "r2_price"

@@ -14,15 +14,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from asgi_tenancy._progress import BarProgress, LineProgress, progress_for
 from asgi_tenancy.cli import main
-from asgi_tenancy.sqlalchemy import TenantProvisioner
-from asgi_tenancy.sqlalchemy.migrations import (
+from asgi_tenancy.operations import TenantProvisioner
+from asgi_tenancy.operations.migrations import (
     MigrationReport,
     MigrationResult,
     MigrationStatus,
     env_template,
 )
+from asgi_tenancy.operations.progress import BarProgress, LineProgress, progress_for
 from tests.conftest import PgDatabase
 from tests.lifecycle.migration_scripts import (
     R2,
@@ -38,7 +38,8 @@ import os
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantProvisioner, tenants_table
+from asgi_tenancy.sqlalchemy import SchemaPerTenant, tenants_table
+from asgi_tenancy.operations import TenantProvisioner
 
 
 def provisioner():
@@ -179,10 +180,8 @@ def test_print_env_template() -> None:
 
 
 def test_tenant_or_all_is_required() -> None:
-    with pytest.raises(SystemExit):
-        main(["migrate", "--app", "x:y"])
-    with pytest.raises(SystemExit):
-        main(["migrate", "--app", "x:y", "--all", "acme"])
+    assert main(["migrate", "--app", "x:y"]) == 2
+    assert main(["migrate", "--app", "x:y", "--all", "acme"]) == 2
 
 
 class _Terminal(io.StringIO):
@@ -233,7 +232,7 @@ async def test_an_unreachable_registry_is_one_line_without_credentials(project: 
     url = "postgresql+asyncpg://owner:hunter2@127.0.0.1:9/nowhere"  # the discard port: refused
     run = await project.run("--all", url=url)
     assert run.code == 2
-    assert run.stderr.startswith("error: ")
+    assert run.stderr.startswith("error (database_unavailable): ")
     assert "Traceback" not in run.stderr
     assert "hunter2" not in run.stdout + run.stderr
 
@@ -247,3 +246,34 @@ async def test_adopt_stamps_tenants_without_a_version_table(project: Project) ->
     assert body["counts"]["stamped"] == 1
     async with project.provisioner.admin_engine.connect() as conn:
         assert await version_of(conn, schema_of(project.provisioner, tenant)) == R2
+
+
+async def test_dry_run_predicts_already_exists_per_tenant_and_the_run_agrees(
+    project: Project,
+) -> None:
+    made = await add_tenants(project.provisioner, 3, prefix="made")
+    empty = await add_tenants(project.provisioner, 1, prefix="empty")
+    async with project.provisioner.admin_engine.begin() as conn:
+        for tenant in made:  # tables from metadata, no version table: the first step meets them
+            schema = schema_of(project.provisioner, tenant)
+            await conn.execute(sa.text(f'CREATE TABLE "{schema}".items (id int)'))
+    dry = await project.run("--all", "--dry-run")
+    assert dry.code == 1, dry.stderr
+    lines = dry.stdout.splitlines()
+    for tenant in made:
+        [line] = [x for x in lines if x.startswith(f"{tenant.id} ")]
+        assert line.startswith(f"{tenant.id} would-fail ")
+        assert "'already exists'" in line
+        assert "--adopt" in line
+    assert next(x for x in lines if x.startswith(f"{empty[0].id} ")).split()[1] == "dry-run"
+    assert "would-fail 3" in lines[-1]
+    body = json.loads((await project.run("--all", "--dry-run", "--json")).stdout)
+    assert body["counts"]["would-fail"] == 3
+    adopting = await project.run("--all", "--dry-run", "--adopt", "--json")
+    assert adopting.code == 0
+    assert json.loads(adopting.stdout)["counts"]["would-fail"] == 0
+    # The prediction is the run's outcome: the same tenants fail, on "already exists".
+    real = json.loads((await project.run("--all", "--json")).stdout)
+    failed = {t["tenant_id"] for t in real["tenants"] if t["status"] == "failed"}
+    assert failed == {t.id for t in made}
+    assert all("already exists" in t["error"] for t in real["tenants"] if t["status"] == "failed")

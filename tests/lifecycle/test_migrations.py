@@ -17,13 +17,14 @@ from starlette.routing import Route
 
 from asgi_tenancy import HeaderResolver, TenancyMiddleware, Tenant, TenantStatus
 from asgi_tenancy.errors import IsolationConfigError
-from asgi_tenancy.sqlalchemy import SqlAlchemyTenantStore, TenantProvisioner
-from asgi_tenancy.sqlalchemy.migrations import (
+from asgi_tenancy.operations import TenantProvisioner
+from asgi_tenancy.operations.migrations import (
     MigrationResult,
     MigrationStatus,
     env_template,
     migrate_tenants,
 )
+from asgi_tenancy.sqlalchemy import SqlAlchemyTenantStore
 from tests.conftest import PgDatabase, PgServer, create_database, drop_database
 from tests.lifecycle.migration_scripts import (
     R1,
@@ -385,7 +386,7 @@ async def test_requests_get_503_with_retry_after_while_the_tenant_migrates(
 
 
 def test_error_text_never_carries_credentials() -> None:
-    from asgi_tenancy.sqlalchemy.migrations import describe_error
+    from asgi_tenancy.sqlalchemy.failures import describe as describe_error
 
     text = describe_error(OSError("connect to postgresql+asyncpg://owner:s3cret@db/x failed"))
     assert "s3cret" not in text

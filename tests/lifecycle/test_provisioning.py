@@ -19,14 +19,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from asgi_tenancy import (
     CachedTenantStore,
-    ConfirmationRequired,
     InvalidTenantIdentifier,
     IsolationConfigError,
-    TenantExists,
-    TenantMigrating,
     TenantNotFound,
     TenantStatus,
     tenant_scope,
+)
+from asgi_tenancy.errors import (
+    ConfirmationRequired,
+    TenantExists,
+    TenantMigrating,
+    TenantPlacementError,
 )
 from asgi_tenancy.sqlalchemy import (
     DatabasePerTenant,
@@ -352,7 +355,7 @@ async def test_unusable_schema_name_is_refused_before_any_sql(
 ) -> None:
     count = await _scalar(lifecycle_admin, "SELECT count(*) FROM public.tenants")
     for tenant_id, attributes in (("Upper-Case", None), (_id(), {"schema": "public"})):
-        with pytest.raises(IsolationConfigError):
+        with pytest.raises(TenantPlacementError):
             await provision(_schemas()).create_tenant(tenant_id, attributes)
     assert await _scalar(lifecycle_admin, "SELECT count(*) FROM public.tenants") == count
 

@@ -10,6 +10,20 @@ import random
 from datetime import date, timedelta
 
 TENANTS = ("acme", "globex", "initech")
+# A report of about 300 characters (the rewrite benchmark's reference query).
+REPORT = (
+    "SELECT c.name, sum(i.quantity * i.unit_price) AS spend FROM customers c "
+    "JOIN orders o ON o.customer_id = c.id JOIN order_items i ON i.order_id = o.id "
+    "WHERE o.status = 'paid' AND o.created_at >= DATE '2024-03-01' GROUP BY c.name "
+    "HAVING sum(i.quantity) > 2 ORDER BY spend DESC, c.name LIMIT 10"
+)
+FIFTY_FIELDS = (
+    "SELECT "
+    + " || ' ' || ".join(
+        ["name", "country", "coalesce(segment, '-')", "id::text", "created_at::text"] * 10
+    )
+    + " AS line FROM customers"
+)
 TENANT_TABLES = {"customers": "tenant_id", "orders": "tenant_id", "order_items": "tenant_id"}
 SHARED_TABLES = ("countries",)
 
@@ -86,7 +100,7 @@ def tenant_rows(tenant: str, scale: int = 1) -> dict[str, list[Row]]:
     return {"customers": customers, "orders": orders, "order_items": items}
 
 
-QUERIES: tuple[str, ...] = (
+QUERIES_1: tuple[str, ...] = (
     # plain reads and filters
     "SELECT * FROM customers",
     "SELECT id, name FROM customers WHERE country = 'DE'",
@@ -250,3 +264,67 @@ QUERIES: tuple[str, ...] = (
     "SELECT product, sum(quantity) AS q FROM order_items i JOIN orders o ON o.id = i.order_id "
     "WHERE o.status = 'paid' GROUP BY product HAVING sum(quantity) > 3 ORDER BY q DESC, product",
 )
+
+BENIGN: tuple[str, ...] = (
+    # shapes the first guard refused: date(), LIKE ... ESCAPE, SIMILAR TO, row_to_json, JSON keys,
+    # full-text search, long || lines, field selection, literals holding placeholder look-alikes
+    "SELECT id, date(created_at + interval '1 day') AS due FROM orders",
+    "SELECT name FROM customers WHERE name LIKE 'A!%%' ESCAPE '!' OR name LIKE '%o%' ESCAPE '#'",
+    "SELECT name FROM customers WHERE name SIMILAR TO '(A|B|C)%'",
+    "SELECT name FROM customers WHERE name NOT SIMILAR TO '%(y|u)%' ESCAPE '#'",
+    "SELECT row_to_json(c) FROM customers c",
+    "SELECT to_jsonb(o) - 'tenant_id' FROM orders o",
+    "SELECT DISTINCT jsonb_object_keys(jsonb_build_object('id', id, 'total', total)) FROM orders",
+    "SELECT k, count(*) FROM orders o, jsonb_object_keys(to_jsonb(o)) AS k GROUP BY k",
+    "SELECT id, to_tsvector('english', name) @@ plainto_tsquery('english', 'ada') FROM customers",
+    "SELECT name, ts_rank(to_tsvector('simple', name), to_tsquery('simple', 'ada | bo')) AS r "
+    "FROM customers ORDER BY r DESC, id",
+    "SELECT id FROM customers WHERE to_tsvector('simple', name) @@ "
+    "websearch_to_tsquery('simple', 'ada or \"flo\"')",
+    "SELECT count(*) FROM customers WHERE to_tsvector(name) @@ phraseto_tsquery('ada')",
+    FIFTY_FIELDS,
+    "SELECT (o).id, (o).total FROM orders o WHERE (o).status = 'paid'",
+    "SELECT o.*, (c).name FROM orders o JOIN customers c ON c.id = o.customer_id",
+    "WITH t AS (SELECT id, total FROM orders) SELECT t.id, (t).total FROM t",
+    "SELECT customer_id, count(*) FROM orders JOIN customers ON customers.id = orders.customer_id "
+    "GROUP BY customer_id",
+    "SELECT o.id, x.n FROM orders o JOIN LATERAL (SELECT count(*) AS n FROM order_items i "
+    "WHERE i.order_id = o.id) x ON true",
+    "SELECT u.value, u.ordinality FROM jsonb_array_elements('[1, 2, 3]'::jsonb) WITH ORDINALITY u",
+    "SELECT e.key, e.value FROM orders o, jsonb_each(jsonb_build_object('id', o.id)) e",
+    "SELECT format('%s-%s', country, id) FROM customers",
+    "SELECT to_char(created_at, 'YYYY-MM-DD HH24:MI') FROM orders",
+    "SELECT '%(tenant_id)s' AS a, '$1' AS b, ':tenant_id' AS c, '?' AS d, count(*) FROM orders",
+    "SELECT $$%(tenant_id)s$$ AS a, E'\\x25 :tenant_id' AS b, U&'\\0025' AS c FROM orders",
+    'SELECT "Revenue %" FROM (SELECT sum(total) AS "Revenue %" FROM orders) s',
+    "SELECT id -- :tenant_id %(tenant_id)s\n FROM orders /* $1 ? */",
+    "SELECT v.column1, v.column2 FROM (VALUES (1, 'a'), (2, 'b')) v",
+    "SELECT id FROM orders UNION SELECT id FROM customers ORDER BY id",
+    "SELECT s.id FROM (SELECT id FROM orders UNION ALL SELECT id FROM customers) s",
+    "SELECT extract(year FROM created_at) AS y, count(*) FROM orders GROUP BY y ORDER BY y",
+    "SELECT count(*) FILTER (WHERE name ~* '^a') FROM customers",
+    "SELECT array_agg(DISTINCT country ORDER BY country) FROM customers",
+    "SELECT json_agg(json_build_object('id', id) ORDER BY id) FROM orders",
+    "SELECT g.g, count(o.id) FROM generate_series(1, 12) g LEFT JOIN orders o "
+    "ON extract(month FROM o.created_at) = g.g GROUP BY g.g ORDER BY g.g",
+    "SELECT date_trunc('week', created_at)::date AS w, round(avg(total), 2) FROM orders "
+    "GROUP BY 1 ORDER BY 1",
+    "SELECT o.id, c.name, tenant_id FROM orders o JOIN customers c USING (tenant_id) "
+    "WHERE c.id = o.customer_id",
+    "SELECT x.id, x.total FROM orders AS x(t, id) WHERE x.total > 100",
+    "SELECT j.customer_id, l.n FROM (orders o JOIN customers c ON c.id = o.customer_id) "
+    "AS j(a, b, customer_id) CROSS JOIN LATERAL (SELECT 1 AS n) l",
+    "SELECT c.name, count(*) FROM customers c NATURAL JOIN (SELECT tenant_id, customer_id AS id "
+    "FROM orders) o GROUP BY c.name",
+    "SELECT n, o.id FROM orders o, generate_series(1, 2) AS n WHERE o.id < 3",
+    "SELECT id, lower(name)::text, length(name::varchar(5)), total::numeric(10, 1) "
+    "FROM customers JOIN orders USING (id)",
+    "SELECT '2024-01-31'::date + interval '1 month', DATE '2024-02-01',"
+    " timestamp '2024-01-01 10:00'",
+    "WITH RECURSIVE d(day) AS (SELECT DATE '2024-01-01' UNION ALL SELECT day + 1 FROM d "
+    "WHERE day < DATE '2024-01-10') SELECT d.day, count(o.id) FROM d LEFT JOIN orders o "
+    "ON o.created_at = d.day GROUP BY d.day ORDER BY d.day",
+    REPORT,
+)
+
+QUERIES: tuple[str, ...] = QUERIES_1 + BENIGN

@@ -34,7 +34,7 @@ COLUMNS = {
 
 
 def make_guard() -> SqlGuard:
-    return SqlGuard(TENANT_TABLES, SHARED_TABLES)
+    return SqlGuard(TENANT_TABLES, SHARED_TABLES, columns=COLUMNS)
 
 
 def _literal(value: object) -> str:
@@ -126,7 +126,14 @@ def assert_confined(sql: str) -> None:
         assert where["lexpr"]["ColumnRef"]["fields"] == [{"String": {"sval": "tenant_id"}}], sql
         assert where["rexpr"]["ParamRef"]["number"] == 1, sql
         assert select["fromClause"] == [{"RangeVar": rv}], sql
-        assert set(select) <= {"targetList", "fromClause", "whereClause", "limitOption", "op"}
+        assert set(select) <= {
+            "targetList",
+            "fromClause",
+            "whereClause",
+            "limitOption",
+            "limitOffset",
+            "op",
+        }
 
 
 class Oracle:
@@ -218,3 +225,159 @@ class Oracle:
 
     def fetch_shared(self, sql: str) -> list[tuple[Any, ...]]:
         return self._run(self._rows(self.shared, text(sql)))  # type: ignore[no-any-return]
+
+
+_DEPENDENCIES = """
+SELECT 'function' AS kind, n.nspname AS schema, p.proname AS name
+  FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid
+  JOIN pg_proc p ON p.oid = d.refobjid JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_proc'::regclass
+   AND w.ev_class = 'guard_probe'::regclass
+UNION
+SELECT 'operator', n.nspname, o.oprname
+  FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid
+  JOIN pg_operator o ON o.oid = d.refobjid JOIN pg_namespace n ON n.oid = o.oprnamespace
+ WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_operator'::regclass
+   AND w.ev_class = 'guard_probe'::regclass
+UNION
+SELECT 'type', n.nspname, t.typname
+  FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid
+  JOIN pg_type t ON t.oid = d.refobjid JOIN pg_namespace n ON n.oid = t.typnamespace
+ WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_type'::regclass
+   AND w.ev_class = 'guard_probe'::regclass
+UNION
+SELECT 'relation', n.nspname, c.relname
+  FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid
+  JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+   AND w.ev_class = 'guard_probe'::regclass AND c.relname <> 'guard_probe'
+"""
+
+
+def _literal_sql(sql: str, tenant: str) -> str:
+    return compiled(sql).replace("$1", "'" + tenant + "'")
+
+
+class Resolution:
+    """What the server resolved a rewritten query to: its objects, its plan, its columns."""
+
+    def __init__(self, oracle: Oracle) -> None:
+        self.oracle = oracle
+
+    async def _objects(self, sql: str) -> set[tuple[str, str, str]]:
+        conn = self.oracle.shared
+        await conn.exec_driver_sql("BEGIN")
+        try:
+            await conn.exec_driver_sql(
+                f"CREATE TEMP VIEW guard_probe AS SELECT 1 FROM (\n{sql}\n) q"
+            )
+            result = await conn.exec_driver_sql(_DEPENDENCIES)
+            objects = {tuple(row) for row in result.all()}
+            # built-ins are pinned (no pg_depend rows): read what the server resolved from its
+            # own deparse of the view, which names every function, operator and cast
+            definition = await conn.scalar(text("SELECT pg_get_viewdef('guard_probe'::regclass)"))
+            found: set[tuple[str, str]] = set()
+            _walk_tree(json.loads(parser.parse_sql_json(definition)), found)
+            return objects | {(kind, "", name) for kind, name in found}  # type: ignore[misc]
+        finally:
+            await conn.exec_driver_sql("ROLLBACK")
+
+    async def _plan(self, sql: str) -> list[object]:
+        result = await self.oracle.shared.exec_driver_sql(f"EXPLAIN (VERBOSE, FORMAT JSON) {sql}")
+        return result.scalar()  # type: ignore[no-any-return]
+
+    async def _columns(self, sql: str) -> list[str]:
+        result = await self.oracle.shared.exec_driver_sql(f"SELECT * FROM (\n{sql}\n) q LIMIT 0")
+        return list(result.keys())
+
+    def objects(self, sql: str, tenant: str = "acme") -> set[tuple[str, str, str]]:
+        return self.oracle._run(self._objects(_literal_sql(sql, tenant)))  # type: ignore[no-any-return]
+
+    def plan(self, sql: str, tenant: str = "acme") -> list[object]:
+        return self.oracle._run(self._plan(_literal_sql(sql, tenant)))  # type: ignore[no-any-return]
+
+    def columns(self, sql: str) -> list[str]:
+        return self.oracle._run(self._columns(sql))  # type: ignore[no-any-return]
+
+    def explain_raw(self, sql: str) -> bool:
+        """Whether the server accepts ``sql`` (planned, never executed)."""
+
+        async def attempt() -> bool:
+            conn = self.oracle.shared
+            await conn.exec_driver_sql("BEGIN")
+            try:
+                await conn.exec_driver_sql(f"EXPLAIN {sql}")
+                return True
+            except DBAPIError:
+                return False
+            finally:
+                await conn.exec_driver_sql("ROLLBACK")
+
+        return self.oracle._run(attempt())  # type: ignore[no-any-return]
+
+
+def _walk_tree(value: object, found: set[tuple[str, str]]) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _walk_tree(item, found)
+    elif isinstance(value, dict):
+        for key, child in value.items():
+            if key == "FuncCall":
+                names = [n["String"]["sval"] for n in child["funcname"]]
+                found.add(("function", ".".join(names)))
+            elif key == "A_Expr" and "name" in child:
+                names = [n["String"]["sval"] for n in child["name"]]
+                found.add(("operator", ".".join(names)))
+            elif key == "TypeName" or (key == "typeName" and isinstance(child, dict)):
+                names = [n["String"]["sval"] for n in child.get("names", [])]
+                found.add(("type", ".".join(names)))
+            elif key == "RangeVar":
+                found.add(("relation", f"{child.get('schemaname', '')}.{child['relname']}"))
+            _walk_tree(child, found)
+
+
+_PLAN_KEYS = frozenset(
+    {
+        "Output",
+        "Filter",
+        "Join Filter",
+        "Hash Cond",
+        "Merge Cond",
+        "Index Cond",
+        "Recheck Cond",
+        "One-Time Filter",
+        "Sort Key",
+        "Group Key",
+        "Function Call",
+        "Order By",
+        "Cache Key",
+        "Presorted Key",
+        "Run Condition",
+        "Hash Key",
+        "Window",
+    }
+)
+_CALL = re.compile(r'("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)\(')
+_STRING = re.compile(r"'(?:[^']|'')*'")
+_MULTIWORD_TYPES = re.compile(
+    r"::(character varying|bit varying|double precision|time(?:stamp)? with(?:out)? time zone)"
+)
+_CAST = re.compile(r'::(?:"[^"]+"|[A-Za-z_][\w.]*)(?:\(\d+(?:\s*,\s*\d+)?\))?')
+
+
+def plan_calls(plan: object, found: set[str] | None = None) -> set[str]:
+    """Names written as calls ``name(`` in a plan's expressions (string literals removed)."""
+    found = set() if found is None else found
+    if isinstance(plan, list):
+        for item in plan:
+            plan_calls(item, found)
+    elif isinstance(plan, dict):
+        for key, child in plan.items():
+            if key in _PLAN_KEYS:
+                for expression in child if isinstance(child, list) else [child]:
+                    plain = _MULTIWORD_TYPES.sub("::t", _STRING.sub("''", str(expression)))
+                    for name in _CALL.findall(_CAST.sub("::t", plain)):
+                        found.add(name.strip('"'))
+            else:
+                plan_calls(child, found)
+    return found

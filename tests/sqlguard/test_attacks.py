@@ -62,7 +62,7 @@ ATTACKS: list[tuple[str, str, str | None]] = [
     ("quote", "SELECT * FROM orders WHERE status = E'paid\\' OR 1=1 --'", CONFINED),
     ("quote", "SELECT ':tenant_id' AS x, * FROM orders", CONFINED),
     ("quote", "SELECT * FROM orders WHERE status = ':tenant_id' OR '{\"a\":b}' <> ''", CONFINED),
-    ("quote", "SELECT E'\\\\:tenant_id' FROM orders", "unsupported_syntax"),
+    ("quote", "SELECT E'\\\\:tenant_id' FROM orders", CONFINED),
     # stacked statements
     ("stacked", "SELECT 1; DELETE FROM orders", "multiple_statements"),
     ("stacked", "SELECT * FROM orders; SELECT * FROM public.orders", "multiple_statements"),
@@ -206,6 +206,136 @@ ATTACKS: list[tuple[str, str, str | None]] = [
     ("locking", "SELECT * FROM orders o FOR NO KEY UPDATE OF o", "locking_clause"),
     ("locking", "SELECT * FROM (SELECT * FROM orders FOR UPDATE) s", "locking_clause"),
     ("locking", "SELECT * FROM customers FOR KEY SHARE NOWAIT", "locking_clause"),
+    # SQL guard II: PostgreSQL reads x.f and (x).f as f(x) when f is not a column
+    ("attribute", "SELECT ('select * from orders').ts_stat", "unknown_column"),
+    ("attribute", "SELECT o.pg_column_size FROM orders o", "unknown_column"),
+    ("attribute", "SELECT (o).pg_column_size FROM orders o", "unknown_column"),
+    ("attribute", "SELECT c.num_nulls FROM customers c", "unknown_column"),
+    ("attribute", "SELECT ('1').pg_sleep", "unknown_column"),
+    ("attribute", "SELECT (o.id).pg_advisory_lock FROM orders o", "unknown_column"),
+    ("attribute", "SELECT (o.id).pg_terminate_backend FROM orders o", "unknown_column"),
+    ("attribute", "SELECT ('app.tenant_id').current_setting", "unknown_column"),
+    ("attribute", "SELECT ('orders').to_regclass", "unknown_column"),
+    ("attribute", "SELECT (o.id).pg_stat_get_backend_activity FROM orders o", "unknown_column"),
+    ("attribute", "SELECT o.status.upper FROM orders o", "unsupported_syntax"),
+    ("attribute", "SELECT ((o).status).length FROM orders o", "unknown_column"),
+    ("attribute", "SELECT t.row_to_json FROM (SELECT 1 AS a) t", "unknown_column"),
+    (
+        "attribute",
+        "WITH w AS (SELECT id FROM orders) SELECT w.txid_current FROM w",
+        "unknown_column",
+    ),
+    ("attribute", "SELECT x.query_to_xml FROM customers x", "unknown_column"),
+    ("attribute", "SELECT g.pg_backend_pid FROM generate_series(1, 1) g", "unknown_column"),
+    ("attribute", "SELECT u.lastval FROM unnest(ARRAY[1]) u", "unknown_column"),
+    ("attribute", "SELECT (ROW(1, 2)).f1", "unknown_column"),
+    ("attribute", "SELECT (SELECT o FROM orders o LIMIT 1).id", "unknown_column"),
+    ("attribute", 'SELECT "o"."pg_sleep" FROM orders o', "unknown_column"),
+    ("attribute", "SELECT j.setseed FROM (orders JOIN customers USING (id)) j", "unknown_column"),
+    ("attribute", "SELECT o.ctid, o.xmin FROM orders o", "unknown_column"),
+    ("attribute", "SELECT ctid FROM orders", "unknown_column"),
+    # computed columns: a function over a table's row type, called as c.fn
+    ("computed", "SELECT c.order_count FROM customers c", "unknown_column"),
+    ("computed", "SELECT order_count(c) FROM customers c", "forbidden_function"),
+    ("computed", "SELECT c.*, c.tenant_orders FROM customers c", "unknown_column"),
+    ("computed", "SELECT (c).tenant_orders FROM customers c", "unknown_column"),
+    ("computed", "SELECT public.order_count(c) FROM customers c", "schema_not_allowed"),
+    # array and composite types: the catalog reached through a cast
+    ("types", "SELECT '{orders}'::regclass[]", "forbidden_type"),
+    ("types", "SELECT ARRAY['orders']::regclass[]", "forbidden_type"),
+    ("types", "SELECT '{public}'::regnamespace[]", "forbidden_type"),
+    ("types", "SELECT '{postgres}'::regrole[]", "forbidden_type"),
+    ("types", "SELECT CAST('{now}' AS regproc[])", "forbidden_type"),
+    ("types", "SELECT (null::pg_class).*", "forbidden_type"),
+    ("types", "SELECT (null::orders).*", "forbidden_type"),
+    ("types", "SELECT (null::secrets).*", "forbidden_type"),
+    ("types", "SELECT null::pg_authid", "forbidden_type"),
+    ("types", "SELECT row_to_json(null::pg_stat_activity)", "forbidden_type"),
+    ("types", "SELECT 1::oid::regclass", "forbidden_type"),
+    ("types", "SELECT '1'::regtype", "forbidden_type"),
+    ("types", "SELECT 'english'::regconfig", "forbidden_type"),
+    ("types", "SELECT * FROM jsonb_to_record('{}') AS r(a regclass)", "forbidden_type"),
+    ("types", "SELECT * FROM jsonb_to_record('{}') AS r(a orders)", "forbidden_type"),
+    ("types", "SELECT * FROM json_populate_record(null::customers, '{}')", "forbidden_function"),
+    ("types", "SELECT xmlcomment('x')", "forbidden_function"),
+    ("types", "SELECT '(1,2)'::int4range AS r, '{1,2}'::int4[] AS a FROM orders", CONFINED),
+    # session state that outlives a rollback, and settings
+    ("session", "SELECT pg_advisory_lock(1)", "forbidden_function"),
+    ("session", "SELECT pg_try_advisory_lock(1)", "forbidden_function"),
+    ("session", "SELECT pg_advisory_xact_lock(1)", "forbidden_function"),
+    ("session", "SELECT setseed(0.5)", "forbidden_function"),
+    ("session", "SELECT set_config('search_path', 'pg_temp', false)", "forbidden_function"),
+    ("session", "SELECT pg_notify('c', 'x')", "forbidden_function"),
+    ("session", "SELECT pg_sleep(10)", "forbidden_function"),
+    ("session", "SELECT pg_sleep_for('1 minute')", "forbidden_function"),
+    ("session", "SELECT lo_create(0)", "forbidden_function"),
+    ("session", "SELECT dblink_connect('x')", "forbidden_function"),
+    ("session", "SELECT txid_current()", "forbidden_function"),
+    ("session", "SELECT pg_current_xact_id()", "forbidden_function"),
+    # signals
+    ("signals", "SELECT pg_terminate_backend(1)", "forbidden_function"),
+    ("signals", "SELECT pg_cancel_backend(1)", "forbidden_function"),
+    ("signals", "SELECT pg_reload_conf()", "forbidden_function"),
+    ("signals", "SELECT pg_log_backend_memory_contexts(1)", "forbidden_function"),
+    # sequences and statistics
+    ("statistics", "SELECT nextval('orders_id_seq')", "forbidden_function"),
+    ("statistics", "SELECT currval('orders_id_seq')", "forbidden_function"),
+    ("statistics", "SELECT lastval()", "forbidden_function"),
+    ("statistics", "SELECT pg_sequence_last_value('orders_id_seq')", "forbidden_function"),
+    ("statistics", "SELECT pg_stat_get_live_tuples('orders'::regclass)", "forbidden_function"),
+    ("statistics", "SELECT pg_stat_get_live_tuples(16384)", "forbidden_function"),
+    ("statistics", "SELECT pg_stat_get_backend_activity(1)", "forbidden_function"),
+    ("statistics", "SELECT * FROM pg_stat_get_activity(NULL)", "forbidden_function"),
+    ("statistics", "SELECT pg_relation_size('orders')", "forbidden_function"),
+    ("statistics", "SELECT * FROM pg_stat_user_tables", "unknown_table"),
+    # the catalog through functions, and functions that run their text as a query
+    ("catalog2", "SELECT to_regrole('postgres')", "forbidden_function"),
+    ("catalog2", "SELECT has_schema_privilege('tenant_globex', 'usage')", "forbidden_function"),
+    ("catalog2", "SELECT format_type(23, -1)", "forbidden_function"),
+    ("catalog2", "SELECT pg_get_viewdef(16384)", "forbidden_function"),
+    ("catalog2", "SELECT current_database()", "forbidden_function"),
+    ("catalog2", "SELECT current_schemas(true)", "forbidden_function"),
+    ("catalog2", "SELECT inet_server_addr()", "forbidden_function"),
+    (
+        "catalog2",
+        "SELECT ts_stat('select to_tsvector(name) from public.customers')",
+        "forbidden_function",
+    ),
+    ("catalog2", "SELECT * FROM ts_stat('select 1')", "forbidden_function"),
+    ("catalog2", "SELECT ts_rewrite('a'::tsquery, 'select 1')", "forbidden_function"),
+    ("catalog2", "SELECT get_current_ts_config()", "forbidden_function"),
+    (
+        "catalog2",
+        "WITH c AS (SELECT * FROM customers) SELECT pg_column_size(c) FROM c",
+        "forbidden_function",
+    ),
+    # operators
+    ("operator", "SELECT 'a' ## 'b'", "forbidden_operator"),
+    ("operator", "SELECT point '(1,1)' ~= point '(1,1)'", "forbidden_operator"),
+    ("operator", "SELECT 1 OPERATOR(public.+) 1", "schema_not_allowed"),
+    ("operator", "SELECT 1 === 1", "forbidden_operator"),
+    # placeholders that must stay literals, and bytes no server accepts
+    ("placeholder", "SELECT '%(tenant_id)s' AS x, id FROM orders", CONFINED),
+    ("placeholder", "SELECT id FROM orders WHERE status = '%s' OR status <> '$1'", CONFINED),
+    ("placeholder", "SELECT id FROM orders WHERE status = ':tenant_id' OR status = '?'", CONFINED),
+    ("placeholder", 'SELECT id AS "%(tenant_id)s" FROM orders', CONFINED),
+    ("placeholder", "SELECT id FROM orders -- %(tenant_id)s :tenant_id\n", CONFINED),
+    ("placeholder", "SELECT 5 %(tenant_id)s FROM orders", "unsupported_syntax"),
+    ("bytes", "SELECT 'a\x00b' FROM orders", "invalid_text"),
+    ("bytes", "SELECT '\ud800' FROM orders", "invalid_text"),
+    # errors raised on another tenant's rows would tell about them: the filter is a barrier
+    (
+        "side channel",
+        "SELECT count(*) FROM customers WHERE CASE WHEN name LIKE '%GL%' "
+        "THEN 1 / (id - id) ELSE 0 END = 0",
+        CONFINED,
+    ),
+    (
+        "side channel",
+        "SELECT o.id FROM orders o JOIN customers c ON c.id = o.customer_id "
+        "AND CASE WHEN c.name LIKE '%IN%' THEN 1 / (c.id - c.id) = 1 ELSE true END",
+        CONFINED,
+    ),
     # size and shape
     ("limits", "SELECT " + "1+" * 5_000 + "1", "too_complex"),
     ("limits", "SELECT " + "(" * 200 + "1" + ")" * 200, "too_complex"),
@@ -235,7 +365,7 @@ def _refusal(sql: str) -> str | None:
 
 
 def test_there_are_enough_attacks_in_every_category() -> None:
-    assert len(ATTACKS) >= 60
+    assert len(ATTACKS) >= 220
     assert len({sql for _, sql, _ in ATTACKS}) == len(ATTACKS)
     for _, _, reason in ATTACKS:
         assert reason is None or reason in REASONS
@@ -255,4 +385,7 @@ def test_confined_attacks_read_only_the_tenants_rows(oracle: Oracle) -> None:
         assert _refusal(sql) is None, sql
         for tenant in TENANTS:
             oracle.check(sql, tenant)
-    assert oracle.compared == len(confined) * len(TENANTS)
+    # a side-channel probe fails on the one tenant whose own rows trip it, on both databases
+    side = sum(1 for category, _, reason in ATTACKS if category == "side channel")
+    assert oracle.compared + oracle.errors == len(confined) * len(TENANTS)
+    assert oracle.errors <= side

@@ -6,12 +6,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, Text, event, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from asgi_tenancy import Tenant, TenantContextError, UnsafeQuery, tenant_scope
+from asgi_tenancy import IsolationConfigError, Tenant, TenantContextError, UnsafeQuery, tenant_scope
 from asgi_tenancy.sqlalchemy import QueryScoping, TenantDatabase
-from asgi_tenancy.sqlguard import SqlGuard
+from asgi_tenancy.sqlguard import (
+    GuardedQueryFailed,
+    GuardedQueryTimeout,
+    GuardedResultTooLarge,
+    SqlGuard,
+)
 
 GUARD = SqlGuard({"runs": "tenant_id"})
 
@@ -49,12 +53,14 @@ async def test_run_caps_the_rows(session: AsyncSession) -> None:
 
 async def test_run_stops_a_slow_query_at_the_timeout(session: AsyncSession) -> None:
     async with tenant_scope(Tenant("acme")):
-        with pytest.raises(DBAPIError, match="statement timeout"):
+        with pytest.raises(GuardedQueryTimeout) as info:
             await GUARD.run(
                 session,
                 "SELECT count(*) FROM generate_series(1, 1000000000) g",
                 timeout_ms=50,
             )
+    assert info.value.status_code == 504
+    assert info.value.code == "guarded_query_timeout"
 
 
 async def test_run_is_read_only_and_sets_the_timeout_inside_the_transaction(
@@ -71,9 +77,9 @@ async def test_run_is_read_only_and_sets_the_timeout_inside_the_transaction(
             await GUARD.run(session, "SELECT id FROM runs")
     finally:
         event.remove(app_engine.sync_engine, "before_cursor_execute", record)
-    assert sent[0] == "SET TRANSACTION READ ONLY"
-    assert "statement_timeout" in sent[1]
-    assert "runs" in sent[-1]
+    assert "set_config('transaction_read_only', 'on', true)" in sent[0]
+    assert "set_config('statement_timeout'" in sent[0]
+    assert any("runs" in statement for statement in sent)
 
 
 async def test_run_inside_an_open_transaction_leaves_it_as_it_was(
@@ -151,3 +157,79 @@ async def test_run_leaves_an_unfiltered_query_to_query_scoping_which_refuses_it(
         with pytest.raises(UnsafeQuery) as refused:
             await schema_style.run(scoped, "SELECT count(*) FROM runs")
     assert refused.value.reason == "raw_sql"
+
+
+async def test_the_byte_cap_stops_the_result_at_the_server(session: AsyncSession) -> None:
+    async with tenant_scope(Tenant("acme")):
+        rows = await GUARD.run(session, "SELECT repeat('x', 1000) AS x FROM runs", max_bytes=60_000)
+        assert len(rows) == 50
+        with pytest.raises(GuardedResultTooLarge) as info:
+            await GUARD.run(session, "SELECT repeat('x', 1000) AS x FROM runs", max_bytes=20_000)
+        assert info.value.status_code == 400
+        assert info.value.code == "guarded_result_too_large"
+        # one row far over the cap: built by the server, never sent
+        with pytest.raises(GuardedResultTooLarge):
+            await GUARD.run(session, "SELECT repeat('x', 20000000) AS x", max_bytes=1_000)
+        rows = await GUARD.run(session, "SELECT id FROM runs ORDER BY id DESC", max_bytes=10_000)
+    assert [row["id"] for row in rows] == list(range(50, 0, -1))
+
+
+@pytest.mark.parametrize(
+    ("sql", "sqlstate", "words"),
+    [
+        ("SELECT 1 / 0 FROM runs", "22012", "division by zero"),
+        ("SELECT 'abc'::int FROM runs", "22P02", "invalid input syntax"),
+        ("SELECT id FROM runs ORDER BY 5", "42P10", "ORDER BY position 5"),
+    ],
+)
+async def test_a_query_the_server_refuses_is_a_400_with_its_message(
+    session: AsyncSession, sql: str, sqlstate: str, words: str
+) -> None:
+    async with tenant_scope(Tenant("acme")):
+        with pytest.raises(GuardedQueryFailed) as info:
+            await GUARD.run(session, sql)
+    assert info.value.status_code == 400
+    assert info.value.code == "guarded_query_failed"
+    assert info.value.sqlstate == sqlstate
+    assert words in info.value.message
+    assert not session.in_transaction()
+
+
+async def test_columns_missing_from_the_declaration_are_read_once_from_the_catalog(
+    session: AsyncSession,
+) -> None:
+    guard = SqlGuard({"runs": "tenant_id"})
+    with tenant_scope(Tenant("acme")), pytest.raises(UnsafeQuery) as info:
+        guard.rewrite("SELECT r.id FROM runs r")
+    assert info.value.reason == "unknown_column"
+    async with tenant_scope(Tenant("acme")):
+        rows = await guard.run(session, "SELECT r.id FROM runs r WHERE r.id < 3 ORDER BY 1")
+        with pytest.raises(UnsafeQuery) as again:
+            await guard.run(session, "SELECT r.pg_column_size FROM runs r")
+    assert [row["id"] for row in rows] == [1, 2]
+    assert guard.columns == {"runs": ("tenant_id", "id")}
+    assert again.value.reason == "unknown_column"
+
+
+async def test_placeholders_inside_literals_stay_literals(session: AsyncSession) -> None:
+    sql = (
+        "SELECT '%(tenant_id)s' AS a, ':tenant_id' AS b, '$1' AS c, '%s?' AS d,"
+        ' 1 AS "%(tenant_id)s" FROM runs WHERE id = 1 -- :tenant_id %(tenant_id)s'
+    )
+    async with tenant_scope(Tenant("acme")):
+        rows = await GUARD.run(session, sql)
+    assert [tuple(row.values()) for row in rows] == [
+        ("%(tenant_id)s", ":tenant_id", "$1", "%s?", 1)
+    ]
+    assert list(rows[0].keys())[-1] == "%(tenant_id)s"
+
+
+async def test_a_reader_role_that_cannot_be_set_is_a_configuration_error(
+    session: AsyncSession,
+) -> None:
+    guard = SqlGuard({"runs": "tenant_id"}, reader_role="no_such_reader_role")
+    async with tenant_scope(Tenant("acme")):
+        with pytest.raises(IsolationConfigError) as info:
+            await guard.run(session, "SELECT id FROM runs")
+    assert info.value.hint
+    assert "GRANT" in info.value.hint

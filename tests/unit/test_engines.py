@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from asgi_tenancy import TenancyUnavailable, TenantCapacityExceeded
+from asgi_tenancy import TenancyUnavailable
+from asgi_tenancy.errors import TenantCapacityExceeded, TenantOverShare
 from asgi_tenancy.sqlalchemy import EngineCache
 
 SECRET = "s3cret-pw"
@@ -144,3 +145,102 @@ def test_repr_shows_counts_not_urls() -> None:
     cache, _ = _cache(3)
     assert SECRET not in repr(cache)
     assert SECRET not in repr(_url(1))
+
+
+async def test_a_waiting_tenant_is_served_before_a_busy_one_re_leases() -> None:
+    cache, made = _cache(1)
+    cache.acquire_timeout = 5
+    order: list[str] = []
+    release_first, release_waiter = asyncio.Event(), asyncio.Event()
+    holding = asyncio.Event()
+    leased = [asyncio.Event() for _ in range(3)]
+
+    async def lease(n: int, until: asyncio.Event | None = None) -> None:
+        async with cache.lease(f"t{n}", _url(n)):
+            order.append(f"t{n}")
+            leased[len(order) - 1].set()
+            holding.set()
+            if until is not None:
+                await until.wait()
+
+    first = asyncio.create_task(lease(1, release_first))
+    await holding.wait()
+    waiter = asyncio.create_task(lease(2, release_waiter))
+    await asyncio.sleep(0)  # t2 is in line (every engine leased)
+    again = asyncio.create_task(lease(1))  # t1's engine exists, but t2 came first
+    await asyncio.sleep(0)
+    assert order == ["t1"]
+    release_first.set()
+    await first
+    await leased[1].wait()
+    assert order == ["t1", "t2"]  # not t1 again: its engine went to the one waiting
+    release_waiter.set()
+    await asyncio.gather(waiter, again)
+    assert order == ["t1", "t2", "t1"]
+    assert [e.disposed for e in made] == [1, 1, 0]
+
+
+async def test_a_burst_over_16_tenants_with_8_engines_serves_every_tenant() -> None:
+    made: list[FakeEngine] = []
+
+    async def factory(tenant_id: str, url: URL) -> AsyncEngine:
+        engine = FakeEngine(url)
+        made.append(engine)
+        await asyncio.sleep(0)  # creation takes a turn of the loop, as a connect does
+        return cast(AsyncEngine, engine)
+
+    cache = EngineCache(factory, max_engines=8, acquire_timeout=1.0, per_key=2)
+    wins: dict[str, int] = {f"t{n}": 0 for n in range(16)}
+    refusals: dict[str, int] = dict.fromkeys(wins, 0)
+
+    async def request(n: int) -> None:
+        try:
+            async with cache.lease(f"t{n}", _url(n)):
+                for _ in range(3):  # a short query
+                    await asyncio.sleep(0)
+        except TenancyUnavailable:
+            refusals[f"t{n}"] += 1
+            return
+        wins[f"t{n}"] += 1
+
+    await asyncio.gather(*(request(i % 16) for i in range(2000)))
+    assert all(count > 0 for count in wins.values()), wins
+    assert sum(wins.values()) + sum(refusals.values()) == 2000
+    assert len(cache) <= 8
+    assert cache.leased == 0
+    await cache.close()
+
+
+async def test_a_tenant_holds_at_most_its_pool_of_leases() -> None:
+    cache, _ = _cache(4)
+    cache_with_share = EngineCache(cache._factory, max_engines=4, acquire_timeout=0.01, per_key=2)
+    async with cache_with_share.lease("t1", _url(1)), cache_with_share.lease("t1", _url(1)):
+        with pytest.raises(TenantOverShare):
+            async with cache_with_share.lease("t1", _url(1)):
+                pass  # pragma: no cover
+        async with cache_with_share.lease("t2", _url(2)):
+            pass  # another tenant is not held up
+
+
+async def test_a_waiter_cancelled_in_line_leaves_it() -> None:
+    cache, _ = _cache(1)
+    cache.acquire_timeout = 5
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with cache.lease("t1", _url(1)):
+            held.set()
+            await release.wait()
+
+    first = asyncio.create_task(holder())
+    await held.wait()
+    waiting = asyncio.create_task(cache.lease("t2", _url(2)).__aenter__())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    release.set()
+    await first
+    async with cache.lease("t3", _url(3)):  # the line is empty: served at once
+        pass
+    assert cache.leased == 0

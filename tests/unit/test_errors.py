@@ -36,6 +36,14 @@ def test_hint_is_kept_apart_from_the_message() -> None:
     assert exc.hint == "connect as a plain role"
 
 
-def test_errors_are_exported() -> None:
-    for name in errors.__all__:
-        assert getattr(asgi_tenancy, name) is getattr(errors, name)
+def test_every_error_is_a_tenancy_error_with_its_own_code() -> None:
+    classes = [getattr(errors, name) for name in errors.__all__]
+    assert all(issubclass(cls, errors.TenancyError) for cls in classes)
+    codes = [cls.code for cls in classes]
+    assert len(codes) == len(set(codes))
+
+
+def test_the_errors_reexported_at_the_top_are_the_same_classes() -> None:
+    for name in asgi_tenancy.__all__:
+        if name in errors.__all__:
+            assert getattr(asgi_tenancy, name) is getattr(errors, name)

@@ -13,10 +13,10 @@ from asgi_tenancy import (
     Tenant,
     TenantNotFound,
     TenantStatus,
-    TenantStoreContractError,
     TenantStoreUnavailable,
-    load_tenant,
 )
+from asgi_tenancy.errors import TenantStoreContractError
+from asgi_tenancy.store import load_tenant
 
 ACME = Tenant("acme")
 

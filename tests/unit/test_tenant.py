@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asgi_tenancy import InvalidTenantIdentifier, Tenant, TenantStatus, validate_tenant_id
+from asgi_tenancy import InvalidTenantIdentifier, Tenant, TenantStatus
+from asgi_tenancy.tenant import validate_tenant_id
 
 _FIRST = string.ascii_letters + string.digits
 _REST = _FIRST + "._-"

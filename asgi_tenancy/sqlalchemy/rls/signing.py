@@ -1,0 +1,295 @@
+"""The signed binding: a tenant raw or injected SQL can neither forge nor replay.
+
+Every transaction's ``BEGIN`` message carries ``SELECT <schema>.tenancy_bind('<token>')``.
+``tenancy_bind`` is a ``SECURITY DEFINER`` function owned by a role that can read a private key
+table the application role cannot; it checks the token's MAC, refuses a token used before, and
+binds the transaction: it sets the tenant setting to ``tenant:mac`` where that MAC covers the
+tenant, the server process and the transaction's start, so the value is worthless in any other
+transaction or session. The policies' ``tenancy_current_tenant()`` recomputes it on every
+statement. MACs are ``sha256(k || sha256(k || message))`` with PostgreSQL's built-in
+``sha256()`` (no pgcrypto): the outer hash over a secret prefix closes length extension.
+
+Two ways to make a token single-use (``pooling``):
+
+- ``"none"`` (direct connections, the default): each new connection opens a *signing session*
+  (``connect_sql``): the owner's temporary table holds a session id and an owner's temporary
+  sequence the last counter accepted. A token is ``tenant:session:counter:mac``: it binds only
+  on that connection, and only once (the counter must grow; a sequence is not rolled back, and
+  temporary objects are writable in read-only transactions). Seen in ``pg_stat_activity`` or
+  captured, it is worthless: another backend has another session, this one a higher counter.
+  ``DISCARD`` drops the signing session and every later bind on that connection fails.
+- ``"transaction"`` (behind PgBouncer in transaction mode, where a client never knows which
+  server process runs its transaction): a token is ``tenant:issued_us:nonce:mac``; the nonce is
+  recorded in an unlogged table of spent nonces (a write per transaction, so transactions must
+  be read-write) and a token older than ``window`` seconds is refused. The app role's sessions
+  must not show their query text (``track_activities = off`` for the role, R020).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..._keys import secret_keys
+from ...errors import IsolationConfigError
+from ..postgres import quote_ident, quote_literal
+from ..strategy import Binding
+
+__all__ = ["KEY_SCHEMA", "KEY_TABLE", "NONCE_TABLE", "Pooling", "Signer", "mac"]
+
+KEY_SCHEMA = "tenancy_private"
+KEY_TABLE = f"{KEY_SCHEMA}.binding_keys"
+NONCE_TABLE = f"{KEY_SCHEMA}.spent_nonces"
+Pooling = Literal["none", "transaction"]
+_REFUSE = re.compile(r"PERFORM REFUSE\('([^']*)'\);")
+_NO_SESSION = "none"  # a connection whose signing session was never opened: every bind fails
+
+
+def mac(key: bytes, message: str) -> str:
+    """``sha256(k || sha256(k || message))``, hex: what the database recomputes."""
+    inner = hashlib.sha256(key + message.encode()).digest()
+    return hashlib.sha256(key + inner).hexdigest()
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(b"asgi-tenancy key id:" + key).hexdigest()[:16]
+
+
+class _SignedBinding(Binding):
+    """A token made for each transaction: signed for its connection and counter, or a nonce."""
+
+    __slots__ = ("_signer", "_tenant_id")
+
+    def __init__(self, signer: Signer, tenant_id: str, extra: str) -> None:
+        super().__init__(extra)
+        self._signer = signer
+        self._tenant_id = tenant_id
+
+    def for_transaction(self, session_key: str | None, counter: int) -> str:
+        token = self._signer.token(self._tenant_id, session_key, counter)
+        return f"SELECT {self._signer.bind_function}({quote_literal(token)}){self.sql}"
+
+
+class Signer:
+    """The keys (the first signs, every one verifies), the tokens, and the SQL that checks them."""
+
+    def __init__(
+        self,
+        setting: str,
+        keys: Sequence[str | bytes],
+        *,
+        function_schema: str,
+        pooling: Pooling = "none",
+        window: float = 10.0,
+    ) -> None:
+        if not keys:
+            raise IsolationConfigError(
+                "signed bindings need signing_keys",
+                hint="e.g. signing_keys=[os.environ['TENANCY_BINDING_KEY']]",
+            )
+        if pooling not in ("none", "transaction"):
+            raise IsolationConfigError("pooling must be 'none' or 'transaction'")
+        if not 1 <= window <= 3600:
+            raise IsolationConfigError("the token window must be 1 to 3600 seconds")
+        self.setting = setting
+        self.keys = secret_keys(keys, what="signing")
+        self.pooling: Pooling = pooling
+        self.window_us = int(window * 1_000_000)
+        schema = quote_ident(function_schema)
+        self.function = f"{schema}.tenancy_current_tenant"
+        self.bind_function = f"{schema}.tenancy_bind"
+        self.session_function = f"{schema}.tenancy_open_session"
+
+    @property
+    def connect_sql(self) -> str | None:
+        """Once per connection (direct connections only): open the signing session."""
+        return None if self.pooling == "transaction" else f"SELECT {self.session_function}()"
+
+    def binding(self, tenant_id: str, extra: str = "") -> Binding:
+        """The binding of ``tenant_id``; ``extra`` follows the bind call in the same SELECT."""
+        return _SignedBinding(self, tenant_id, extra)
+
+    def token(self, tenant_id: str, session_key: str | None, counter: int) -> str:
+        if self.pooling == "transaction":
+            issued = time.time_ns() // 1000
+            message = f"{tenant_id}:{issued}:{secrets.token_hex(12)}"
+        else:
+            message = f"{tenant_id}:{session_key or _NO_SESSION}:{counter}"
+        return f"{message}:{mac(self.keys[0], message)}"
+
+    # -- DDL -------------------------------------------------------------------------------
+
+    def ddl(self) -> list[str]:
+        """The private schema and tables, then the three functions, in order (as the owner)."""
+        statements = [
+            f"CREATE SCHEMA IF NOT EXISTS {KEY_SCHEMA}",
+            f"REVOKE ALL ON SCHEMA {KEY_SCHEMA} FROM PUBLIC",
+            f"CREATE TABLE IF NOT EXISTS {KEY_TABLE} (key_id text PRIMARY KEY,"
+            " secret bytea NOT NULL, installed_at timestamptz NOT NULL DEFAULT now())",
+            f"REVOKE ALL ON {KEY_TABLE} FROM PUBLIC",
+        ]
+        if self.pooling == "transaction":
+            statements += [
+                f"CREATE UNLOGGED TABLE IF NOT EXISTS {NONCE_TABLE} (nonce text PRIMARY KEY,"
+                " issued_at timestamptz NOT NULL)",
+                f"CREATE INDEX IF NOT EXISTS spent_nonces_issued_at ON {NONCE_TABLE} (issued_at)",
+                f"REVOKE ALL ON {NONCE_TABLE} FROM PUBLIC",
+            ]
+        statements += [self._verify_ddl(), self._bind_ddl()]
+        if self.pooling == "none":
+            statements.append(self._session_ddl())
+        return statements
+
+    def _transaction_message(self) -> str:
+        """What the bound setting's MAC covers: this server process, this transaction's start."""
+        return (
+            "tenant || ':' || pg_backend_pid()::text || ':' ||"
+            " (extract(epoch FROM transaction_timestamp()) * 1000000)::bigint::text"
+        )
+
+    def _verify_ddl(self) -> str:
+        # Read once per statement (an InitPlan); RESTRICTED: it reads the session's own state.
+        return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp AS $tenancy$
+DECLARE
+  bound text := current_setting({quote_literal(self.setting)}, true);
+  tenant text;
+  k bytea;
+BEGIN
+  IF bound IS NULL OR bound = '' THEN
+    RAISE EXCEPTION 'asgi-tenancy: no tenant is bound to this transaction'
+      USING ERRCODE = '42501', HINT = 'open sessions through TenantDatabase.session()';
+  END IF;
+  IF left(bound, 1) = '!' THEN  -- the binding of this transaction was refused, and why
+    RAISE EXCEPTION 'asgi-tenancy: %', substr(bound, 2) USING ERRCODE = '42501';
+  END IF;
+  tenant := split_part(bound, ':', 1);
+  FOR k IN SELECT secret FROM {KEY_TABLE} LOOP
+    IF encode(sha256(k || sha256(k || convert_to({self._transaction_message()}, 'UTF8'))),
+              'hex') = split_part(bound, ':', 2) THEN
+      RETURN tenant;
+    END IF;
+  END LOOP;
+  RAISE EXCEPTION 'asgi-tenancy: the tenant binding is not signed for this transaction'
+    USING ERRCODE = '42501';
+END
+$tenancy$"""
+
+    def _bind_ddl(self) -> str:
+        # It never raises: it runs inside the BEGIN message, where an error would leave the
+        # server in a transaction the driver does not know it opened. A refused token binds
+        # '!reason' instead, and the first statement fails with that reason.
+        setting = quote_literal(self.setting)
+        if self.pooling == "transaction":
+            window, keep = self.window_us, self.window_us * 2 / 1e6
+            single_use = f"""  IF current_setting('transaction_read_only') = 'on' THEN
+    PERFORM REFUSE('a signed binding behind transaction pooling needs a read-write transaction');
+  END IF;
+  IF part2 !~ '^[0-9]{{1,18}}$' OR parts[3] !~ '^[0-9a-f]{{24}}$' THEN
+    PERFORM REFUSE('malformed binding token');
+  END IF;
+  IF abs((extract(epoch FROM now()) * 1000000)::bigint - part2::bigint) > {window} THEN
+    PERFORM REFUSE('the binding token has expired');
+  END IF;
+  INSERT INTO {NONCE_TABLE} (nonce, issued_at)
+    VALUES (parts[3], to_timestamp(part2::bigint / 1000000.0)) ON CONFLICT DO NOTHING;
+  IF NOT FOUND THEN
+    PERFORM REFUSE('the binding token was used before');
+  END IF;
+  IF random() < 0.001 THEN  -- spent nonces past twice the window can never bind again
+    DELETE FROM {NONCE_TABLE} WHERE issued_at < now() - make_interval(secs => {keep});
+  END IF;"""
+        else:
+            single_use = """  IF to_regclass('pg_temp.tenancy_session') IS NULL
+     OR to_regclass('pg_temp.tenancy_counter') IS NULL THEN
+    PERFORM REFUSE('this connection has no signing session (a pooling proxy, or DISCARD)');
+  END IF;
+  IF (SELECT session_id FROM pg_temp.tenancy_session) IS DISTINCT FROM part2 THEN
+    PERFORM REFUSE('the binding token was signed for another connection');
+  END IF;
+  IF parts[3] !~ '^[0-9]{1,18}$' THEN
+    PERFORM REFUSE('malformed binding token');
+  END IF;
+  IF parts[3]::bigint <= (SELECT last_value FROM pg_temp.tenancy_counter) THEN
+    PERFORM REFUSE('the binding token was used before');
+  END IF;
+  PERFORM setval('pg_temp.tenancy_counter', parts[3]::bigint);"""
+        ddl = f"""CREATE OR REPLACE FUNCTION {self.bind_function}(token text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp AS $tenancy$
+DECLARE
+  parts text[] := string_to_array(token, ':');
+  tenant text;
+  part2 text;
+  signer bytea;
+  k bytea;
+BEGIN
+  -- Until it succeeds, the transaction is bound to nothing.
+  PERFORM set_config({setting}, '!no tenant is bound to this transaction', true);
+  IF token IS NULL OR array_length(parts, 1) IS DISTINCT FROM 4 THEN
+    PERFORM REFUSE('malformed binding token');
+  END IF;
+  tenant := parts[1];
+  part2 := parts[2];
+  FOR k IN SELECT secret FROM {KEY_TABLE} LOOP
+    IF encode(sha256(k || sha256(k || convert_to(parts[1] || ':' || parts[2] || ':' || parts[3],
+              'UTF8'))), 'hex') = parts[4] THEN
+      signer := k;
+      EXIT;
+    END IF;
+  END LOOP;
+  IF signer IS NULL THEN
+    PERFORM REFUSE('the binding token is not signed by a known key');
+  END IF;
+{single_use}
+  PERFORM set_config({setting}, tenant || ':' || encode(sha256(signer ||
+    sha256(signer || convert_to({self._transaction_message()}, 'UTF8'))), 'hex'), true);
+END
+$tenancy$"""
+        return _REFUSE.sub(
+            lambda m: f"PERFORM set_config({setting}, '!{m[1]}', true); RETURN;", ddl
+        )
+
+    def _session_ddl(self) -> str:
+        return f"""CREATE OR REPLACE FUNCTION {self.session_function}() RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp AS $tenancy$
+DECLARE sid text;
+BEGIN
+  IF to_regclass('pg_temp.tenancy_session') IS NOT NULL THEN
+    RETURN (SELECT session_id FROM pg_temp.tenancy_session);
+  END IF;
+  IF pg_my_temp_schema() <> 0 THEN
+    RAISE EXCEPTION 'asgi-tenancy: the signing session of this connection was discarded'
+      USING ERRCODE = '42501', HINT = 'the connection must be replaced';
+  END IF;
+  sid := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+  CREATE TEMPORARY TABLE tenancy_session (session_id text NOT NULL);
+  CREATE TEMPORARY SEQUENCE tenancy_counter MINVALUE 0 START 0;
+  INSERT INTO pg_temp.tenancy_session VALUES (sid);
+  RETURN sid;
+END
+$tenancy$"""
+
+    async def install_keys(self, admin: AsyncConnection) -> None:
+        """Make the database accept exactly these keys (rotation: pass new and old)."""
+        ids = [key_id(k) for k in self.keys]
+        await admin.execute(
+            text(f"DELETE FROM {KEY_TABLE} WHERE NOT (key_id = ANY(:ids))"), {"ids": ids}
+        )
+        for identifier, secret in zip(ids, self.keys, strict=True):
+            await admin.execute(
+                text(
+                    f"INSERT INTO {KEY_TABLE} (key_id, secret) VALUES (:id, :secret)"
+                    " ON CONFLICT (key_id) DO NOTHING"
+                ),
+                {"id": identifier, "secret": secret},
+            )

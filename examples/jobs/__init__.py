@@ -1,0 +1,1 @@
+"""Background jobs that run as their tenant: Celery and arq (docs/jobs.md)."""
