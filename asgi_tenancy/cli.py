@@ -2,7 +2,7 @@
 
 - ``sql check``: the guarded query for one tenant, or why it is refused;
 - ``tenants list|show|create|suspend|activate|drop``: the application's ``TenantProvisioner``;
-- ``tenants move TENANT --to NODE``: a row-mode tenant to another Citus node, while it serves;
+- ``tenants move TENANT --to NODE``: a tenant to another Citus node or server, while it serves;
 - ``migrate (--all|TENANT)``: Alembic across the shared schema and every tenant;
 - ``audit``: the isolation audit of a live database; ``policy``: print or apply the RLS DDL.
 
@@ -188,12 +188,16 @@ def _add_tenants_group(commands: argparse._SubParsersAction[argparse.ArgumentPar
         action.set_defaults(handler=_tenants)
     move = actions.add_parser(
         "move",
-        help="move a row-mode tenant to another Citus node (it keeps serving)",
-        description="Isolate the tenant to a shard of its own, then move that shard group to "
-        "NODE, reporting each step; the tenant serves reads and writes meanwhile.",
+        help="move a tenant to another Citus node or PostgreSQL server (it keeps serving)",
+        description="Row mode on Citus: isolate the tenant to a shard of its own, then move that "
+        "shard group to NODE. Schema mode on Citus: move its distributed schema to NODE. Database "
+        "per tenant: copy its database to the server at NODE (an admin URL), verify, switch the "
+        "registry, then drop the source. Each step is reported; reads go on throughout.",
     )
     move.add_argument("tenant_id", metavar="ID", help="the tenant identifier")
-    move.add_argument("--to", required=True, metavar="NODE", help="host:port or a node id")
+    move.add_argument(
+        "--to", required=True, metavar="NODE", help="host:port, node id, or a server URL"
+    )
     move.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     move.add_argument("--json", action="store_true", help="print one JSON object")
     add_app_option(move)
@@ -211,25 +215,12 @@ def _move(args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _run_move(provisioner: TenantProvisioner, args: argparse.Namespace, out: TextIO) -> int:
-    from .errors import InvalidTenantIdentifier, IsolationConfigError, TenancyError
-    from .sqlalchemy.citus.move import move_tenant
-    from .sqlalchemy.rls.strategy import RowLevelSecurity
+    from .errors import InvalidTenantIdentifier, TenancyError
 
-    strategy = provisioner.strategy
     try:
-        if not isinstance(strategy, RowLevelSecurity):
-            raise IsolationConfigError(
-                "tenants move supports row mode on Citus only: RowLevelSecurity(citus=True)",
-                hint="docs/scale-out.md",
-            )
         progress = None if args.json else (lambda step: print(step, file=out, flush=True))
-        moved = await move_tenant(
-            provisioner.admin_engine,
-            strategy,
-            args.tenant_id,
-            args.to,
-            dry_run=args.dry_run,
-            progress=progress,
+        moved = await provisioner.move_tenant(
+            args.tenant_id, args.to, dry_run=args.dry_run, progress=progress
         )
     except InvalidTenantIdentifier as exc:
         return _report_error(args, out, exc, EXIT_USAGE)
@@ -237,7 +228,7 @@ async def _run_move(provisioner: TenantProvisioner, args: argparse.Namespace, ou
         return _report_error(args, out, exc, EXIT_REFUSED)
     finally:
         await provisioner.admin_engine.dispose()
-        await strategy.dispose()
+        await provisioner.strategy.dispose()
     if args.json:
         print(json.dumps({"ok": True, "move": moved.as_dict()}), file=out)
     elif moved.dry_run:

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import ConfirmationRequired, IsolationConfigError
+from ..errors import ConfirmationRequired, IsolationConfigError, TenantNotFound
+from ..sqlalchemy.moves import Progress, TenantMove
 from ..sqlalchemy.placement import Placement, PlacementContext
 from ..sqlalchemy.store import tenants_table
 from ..sqlalchemy.strategy import IsolationStrategy
@@ -173,6 +174,29 @@ class TenantProvisioner:
         await self.placement.drop(self.context, None, tenant)
         async with self.admin_engine.begin() as conn:
             await self.registry.remove(conn, tenant_id)
+
+    async def move_tenant(
+        self,
+        tenant_id: str,
+        to: str,
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> TenantMove:
+        """Move a registered tenant's data to ``to`` while it keeps serving reads.
+
+        What ``to`` names depends on the strategy (a Citus node as ``host:port`` or node id; a
+        PostgreSQL server's admin URL under database per tenant); ``dry_run`` returns the plan
+        and changes nothing. ``TenantNotFound`` when the id is not registered.
+        """
+        validate_tenant_id(tenant_id)
+        async with self.admin_engine.connect() as conn:
+            tenant = await self.registry.get(conn, tenant_id)
+        if tenant is None:
+            raise TenantNotFound()
+        return await self.placement.move(
+            self.context, tenant, to, dry_run=dry_run, progress=progress
+        )
 
     async def suspend(self, tenant_id: str) -> Tenant:
         """Mark the tenant suspended: stores answer it as not found (after their cache TTL)."""

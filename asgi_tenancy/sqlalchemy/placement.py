@@ -17,7 +17,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..checks import Finding
+from ..errors import IsolationConfigError
 from ..tenant import Tenant
+from .moves import Progress, TenantMove
 
 __all__ = ["UNREADABLE", "AuditContext", "Placement", "PlacementContext", "Target"]
 
@@ -111,3 +113,22 @@ class Placement:
     async def audit(self, audit: AuditContext) -> list[Finding]:
         """Findings about where the tenants live, read as the owner."""
         return []
+
+    async def move(
+        self,
+        context: PlacementContext,
+        tenant: Tenant,
+        to: str,
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> TenantMove:
+        """Move the tenant's data to ``to`` while it keeps serving reads (``dry_run``: the plan).
+
+        Shared tables on one server have nowhere to move a tenant to.
+        """
+        raise IsolationConfigError(
+            "this strategy's tenants share one server's tables: there is nowhere to move one to",
+            hint="moves: RowLevelSecurity(citus=True), SchemaPerTenant on Citus,"
+            " DatabasePerTenant (docs/scale-out.md)",
+        )

@@ -16,46 +16,46 @@ writes meanwhile they must match, and the move reports both either way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ...errors import IsolationConfigError, TenantPlacementError
-from ...tenant import validate_tenant_id
-from ..postgres import qualified, quote_ident, quote_literal
+from ...tenant import Tenant, validate_tenant_id
+from ..moves import Progress, TenantMove, fingerprint, rows
+from ..placement import Placement, PlacementContext
+from ..postgres import qualified, quote_literal
 
 if TYPE_CHECKING:
     from ..rls.strategy import RowLevelSecurity
 
-__all__ = ["TenantMove", "move_tenant", "plan_tenant_move"]
-
-Progress = Callable[[str], None]
+__all__ = ["CitusRowPlacement", "move_tenant", "plan_tenant_move"]
 
 
-@dataclass(frozen=True)
-class TenantMove:
-    """What a move did, or would do (``dry_run``): nodes as ``host:port``."""
+class CitusRowPlacement(Placement):
+    """Shared tables distributed by the tenant column: a tenant moves as its own shard group."""
 
-    tenant_id: str
-    table: str
-    source: str
-    target: str
-    shard_id: int
-    isolated_before: bool
-    statements: tuple[str, ...]
-    dry_run: bool
-    rows_before: Mapping[str, int] = field(default_factory=dict)
-    rows_after: Mapping[str, int] = field(default_factory=dict)
-    checksums_match: bool | None = None
-    seconds: float = 0.0
+    def __init__(self, strategy: RowLevelSecurity) -> None:
+        self.strategy = strategy
 
-    def as_dict(self) -> dict[str, object]:
-        body = asdict(self)
-        body["statements"] = list(self.statements)
-        return body
+    async def move(
+        self,
+        context: PlacementContext,
+        tenant: Tenant,
+        to: str,
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> TenantMove:
+        return await move_tenant(
+            context.admin_engine,
+            self.strategy,
+            tenant.id,
+            to,
+            dry_run=dry_run,
+            progress=progress,
+        )
 
 
 async def plan_tenant_move(
@@ -98,13 +98,12 @@ async def plan_tenant_move(
         statements.append(_move_sql(int(shard) if isolated else None, str(source), target))
     return TenantMove(
         tenant_id=tenant_id,
-        table=table,
+        strategy=strategy.name,
         source=str(source),
         target=target,
-        shard_id=int(shard),
-        isolated_before=isolated,
         statements=tuple(statements),
         dry_run=True,
+        details={"table": table, "shard_id": int(shard), "isolated_before": isolated},
     )
 
 
@@ -127,28 +126,31 @@ async def move_tenant(
     if dry_run:
         return plan
     tables = [qualified(t) for t in strategy.tenant_tables()]
+    where = {strategy.tenant_column: tenant_id}
+    table = str(plan.details["table"])
+    isolated = bool(plan.details["isolated_before"])
     async with admin.connect() as conn:
-        before = await _fingerprint(conn, tables, strategy.tenant_column, tenant_id)
+        before = await fingerprint(conn, tables, where)
         await conn.rollback()
-    shard = plan.shard_id
+    shard = int(str(plan.details["shard_id"]))
     # Each call in an autocommit connection: Citus runs neither inside a transaction block.
     async with admin.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        if not plan.isolated_before:
+        if not isolated:
             say(f"isolating the tenant to a shard of its own in {len(tables)} colocated tables")
-            shard = int(await auto.scalar(text(_isolate_sql(plan.table, tenant_id))))
+            shard = int(await auto.scalar(text(_isolate_sql(table, tenant_id))))
         if plan.source != plan.target:
             say(f"moving shard group {shard} from {plan.source} to {plan.target}")
             await auto.execute(text(_move_sql(shard, plan.source, plan.target)))
     async with admin.connect() as conn:
-        after = await _fingerprint(conn, tables, strategy.tenant_column, tenant_id)
+        after = await fingerprint(conn, tables, where)
         placed = await conn.scalar(
             text(
                 "SELECT nodename || ':' || nodeport FROM pg_dist_shard_placement"
                 " WHERE shardid = get_shard_id_for_distribution_column("
                 "CAST(:t AS regclass), CAST(:v AS text))"
             ),
-            {"t": plan.table, "v": tenant_id},
+            {"t": table, "v": tenant_id},
         )
         await conn.rollback()
     if placed != plan.target:
@@ -159,17 +161,16 @@ async def move_tenant(
     say(f"done: the tenant is on {plan.target}")
     return TenantMove(
         tenant_id=tenant_id,
-        table=plan.table,
+        strategy=strategy.name,
         source=plan.source,
         target=plan.target,
-        shard_id=shard,
-        isolated_before=plan.isolated_before,
         statements=plan.statements,
         dry_run=False,
-        rows_before={k: v[0] for k, v in before.items()},
-        rows_after={k: v[0] for k, v in after.items()},
+        rows_before=rows(before),
+        rows_after=rows(after),
         checksums_match=before == after,
         seconds=round(time.perf_counter() - started, 3),
+        details={**plan.details, "shard_id": shard},
     )
 
 
@@ -206,23 +207,3 @@ def _move_sql(shard: int | None, source: str, target: str) -> str:
         f" {quote_literal(src_host)}, {int(src_port)}, {quote_literal(dst_host)}, {int(dst_port)},"
         " shard_transfer_mode => 'block_writes')"
     )
-
-
-async def _fingerprint(
-    conn: AsyncConnection, tables: list[str], column: str, tenant_id: str
-) -> dict[str, tuple[int, str]]:
-    """Per table: the tenant's row count and an order-independent checksum of its rows."""
-    found = {}
-    for table in tables:
-        row = (
-            await conn.execute(
-                text(
-                    f"SELECT count(*) AS n, coalesce(md5(string_agg(md5(t::text), ''"
-                    f" ORDER BY md5(t::text))), '') AS sum FROM {table} t"
-                    f" WHERE t.{quote_ident(column)} = :v"
-                ),
-                {"v": tenant_id},
-            )
-        ).one()
-        found[table] = (int(row.n), str(row.sum))
-    return found

@@ -29,7 +29,7 @@ from ..citus.binding import citus_binding
 from ..citus.checks import check_citus
 from ..citus.distribution import Distribution
 from ..criteria import TenantCriteria
-from ..placement import AuditContext
+from ..placement import AuditContext, Placement
 from ..postgres import qualified, quote_ident, quote_literal
 from ..strategy import Binding, IsolationStrategy
 from . import checks, signing
@@ -210,3 +210,12 @@ $tenancy$"""
 
     async def audit(self, audit: AuditContext) -> list[Finding]:
         return await audit_rls(self, audit)
+
+    @property
+    def placement(self) -> Placement:
+        """On Citus a tenant's rows are a shard group that can move between nodes."""
+        if self.citus:
+            from ..citus.move import CitusRowPlacement  # operations only: not on the request path
+
+            return CitusRowPlacement(self)
+        return Placement()
