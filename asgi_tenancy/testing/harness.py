@@ -210,16 +210,17 @@ class TwoTenants:
             owners = [self.a, self.b]
         for tenant in owners:
             only = None if tenant is None else self.index(tenant)
-            if only not in self._scripts:
-                self._scripts[only] = _script(self.kit, only)
-            script = self._scripts[only]
+            script = self._scripts.get(only, "")
             if script is not None and self._loop is not None:
                 engine = self._loop.engine(self._name_of(tenant), self._engine_for(tenant))
                 async with engine.connect() as conn:
-                    raw = await conn.get_raw_connection()
-                    # One simple-protocol message: one round trip, one implicit transaction.
-                    await raw.driver_connection.execute(script)  # type: ignore[union-attr]
-                continue
+                    raw = (await conn.get_raw_connection()).driver_connection
+                    if script == "":
+                        script = self._scripts[only] = await _reset_script(self.kit, only, raw)
+                    if script is not None:
+                        # One simple-protocol message: one round trip, one transaction.
+                        await raw.execute(script)  # type: ignore[union-attr]
+                        continue
             async with self._admin(tenant) as conn:
                 await self._clear(conn)
                 await seed(conn, self.kit, only=only)
@@ -233,6 +234,29 @@ class TwoTenants:
             for owner in owners:
                 tenant = None if owner is None else kit.tenants[owner]
                 await conn.execute(delete(table), execution_options=kit.layout.options(tenant))
+
+
+#: Any trigger or rule of the database's own: with one, the reset fires them as the seeding did.
+_USER_TRIGGERS = """
+SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE NOT tgisinternal)
+    OR EXISTS (
+        SELECT 1 FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+        WHERE c.relkind IN ('r', 'p') AND r.rulename <> '_RETURN'
+    )
+"""
+
+
+async def _reset_script(kit: TenancyKit, only: int | None, raw: Any) -> str | None:
+    """``_script`` in a transaction; with no trigger or rule of the application's in the
+    database, as ``session_replication_role = replica``: the seeded rows are consistent by
+    construction, so skipping the foreign-key checks (half of the reset's time) changes
+    nothing but the time. ``None``: statement by statement."""
+    script = _script(kit, only)
+    if script is None:
+        return None
+    fast = not await raw.fetchval(_USER_TRIGGERS)
+    replica = "SET LOCAL session_replication_role = replica;\n" if fast else ""
+    return f"BEGIN;\n{replica}{script};\nCOMMIT"
 
 
 async def _checked_earlier(*args: Any, **kwargs: Any) -> list[Finding]:

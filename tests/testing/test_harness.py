@@ -8,10 +8,10 @@ import concurrent.futures
 import pytest
 from sqlalchemy import insert, update
 
-from asgi_tenancy.sqlalchemy import TenantDatabase
-from asgi_tenancy.testing import KitDatabases, TwoTenants
+from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from asgi_tenancy.testing import KitDatabases, TenancyKit, TwoTenants
 from tests.conftest import PgServer
-from tests.testing.leaky import SETUPS
+from tests.testing.leaky import SETUPS, Provisioning, notes_base
 
 pytest_plugins = ["asgi_tenancy.testing"]
 
@@ -79,6 +79,49 @@ def test_reset_puts_every_seeded_row_back(
     finally:
         harness._scripts = {}
         harness.reset_now()
+
+
+_TRIGGERED = notes_base()
+#: A trigger of the application's: the seeding fired it, so the reset must fire it too.
+_MARK = [
+    "CREATE FUNCTION mark_note() RETURNS trigger LANGUAGE plpgsql AS"
+    " $$ BEGIN NEW.body := NEW.body || ' (marked)'; RETURN NEW; END $$",
+    "CREATE TRIGGER mark_note BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION mark_note()",
+]
+TRIGGERED = TenancyKit(
+    models=_TRIGGERED,
+    strategy=lambda: RowLevelSecurity(metadata=_TRIGGERED.metadata),
+    provision=Provisioning(_TRIGGERED.metadata, _MARK),
+    name="self_rls_trigger",
+)
+
+
+@pytest.mark.parametrize("kit", [SETUPS["rls_correct"].kit, TRIGGERED], ids=["plain", "trigger"])
+def test_reset_leaves_the_rows_as_the_seeding_left_them(
+    kit: TenancyKit, tenancy_databases: KitDatabases
+) -> None:
+    """The fast reset skips the foreign-key checks (``session_replication_role = replica``)
+    only where that changes nothing: with a trigger of the application's it fires them all."""
+    (table,) = kit.metadata.sorted_tables
+    harness: TwoTenants = tenancy_databases.prepare(kit)
+
+    async def rows() -> list[list[dict[str, object]]]:
+        return [await harness.rows(table, t) for t in (harness.a, harness.b)]
+
+    async def scribble() -> None:
+        async with harness.admin() as conn:
+            await conn.execute(update(table).values(body="scribbled"))
+
+    first = asyncio.run(rows())  # as the template's seeding left them
+    marked = all(str(r["body"]).endswith(" (marked)") for tenant in first for r in tenant)
+    assert marked is (kit is TRIGGERED)
+    for _ in range(2):
+        asyncio.run(scribble())
+        harness.reset_now()
+        assert asyncio.run(rows()) == first
+    script = harness._scripts[None]
+    assert script is not None
+    assert ("session_replication_role" in script) is (kit is not TRIGGERED)
 
 
 def test_a_failed_background_reset_is_reported_before_the_next_use(
