@@ -7,7 +7,9 @@ import contextlib
 import os
 import platform
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -15,6 +17,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -127,3 +130,39 @@ async def asgi_call(app: Any, scope: dict[str, Any]) -> int:
 
     await app(scope, receive, send)
     return status
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def uvicorn_app(
+    factory: str, probe: str, headers: dict[str, str], env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``factory``'s app (``module:function``) served by uvicorn, one worker, in a subprocess
+    with ``env`` added to its environment; its base URL once ``probe`` answers 200."""
+    port = _free_port()
+    command = [sys.executable, "-m", "uvicorn", factory, "--factory", "--port", str(port)]
+    options = ["--log-level", "warning", "--no-access-log"]
+    process = subprocess.Popen([*command, *options], env={**os.environ, **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base) as client:
+            for _ in range(400):  # up within 20 s, or the benchmark fails
+                with contextlib.suppress(httpx.TransportError):
+                    status = client.get(probe, headers=headers).status_code
+                    if status != 200:
+                        raise RuntimeError(f"uvicorn ({factory}) answered {status}")
+                    break
+                if process.poll() is not None:
+                    raise RuntimeError(f"uvicorn ({factory}) exited {process.returncode}")
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"uvicorn ({factory}) did not start")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -12,13 +12,8 @@ one JSON object.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import httpx
 from fastapi import FastAPI
@@ -31,11 +26,20 @@ from asgi_tenancy import (
     TenancyMiddleware,
     Tenant,
 )
-from benchmarks.common import asgi_call, http_scope, interleave, machine, median, peak_rss_mb
+from benchmarks.common import (
+    asgi_call,
+    http_scope,
+    interleave,
+    machine,
+    median,
+    peak_rss_mb,
+    uvicorn_app,
+)
 
 ROUNDS, REQUESTS = 7, 2000
 HTTP_REQUESTS = 1000
 _HTTP_TENANTS = [Tenant(f"tenant-{i}") for i in range(10)]
+_PROBE = {"x-tenant-id": "tenant-0"}
 
 
 def _app(store: CachedTenantStore | None) -> FastAPI:
@@ -60,35 +64,6 @@ def tenancy_app() -> FastAPI:
     return _app(CachedTenantStore(InMemoryTenantStore(_HTTP_TENANTS)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _uvicorn(factory: str) -> Iterator[str]:
-    """``factory``'s app served by uvicorn in a subprocess; its base URL once it answers."""
-    port = _free_port()
-    command = [sys.executable, "-m", "uvicorn", f"benchmarks.middleware:{factory}", "--factory"]
-    options = ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    process = subprocess.Popen([*command, *options])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base) as client:
-            for _ in range(200):  # up within 10 s, or the benchmark fails
-                with contextlib.suppress(httpx.TransportError):
-                    client.get("/ping", headers={"x-tenant-id": "tenant-0"})
-                    break
-                time.sleep(0.05)
-            else:
-                raise RuntimeError(f"uvicorn ({factory}) did not start")
-        yield base
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
 def _calls(client: httpx.AsyncClient) -> Callable[[], Awaitable[None]]:
     async def go() -> None:
         for i in range(HTTP_REQUESTS):
@@ -99,7 +74,10 @@ def _calls(client: httpx.AsyncClient) -> Callable[[], Awaitable[None]]:
 
 
 async def _over_http() -> dict[str, object]:
-    with _uvicorn("plain_app") as plain, _uvicorn("tenancy_app") as scoped:
+    with (
+        uvicorn_app("benchmarks.middleware:plain_app", "/ping", _PROBE) as plain,
+        uvicorn_app("benchmarks.middleware:tenancy_app", "/ping", _PROBE) as scoped,
+    ):
         async with (
             httpx.AsyncClient(base_url=plain) as p,
             httpx.AsyncClient(base_url=scoped) as t,
