@@ -47,11 +47,13 @@ _VALUE = frozenset(
     {"22000", "22001", "22003", "22007", "22008", "22021", "22023", "22P02", "22P05"}
 )
 
-# asyncpg's InterfaceError carries no SQLSTATE; these conditions all mean the connection is
-# unusable (closed under it, or left mid-operation by a lost server), so it is replaced.
+# asyncpg's InterfaceError and InternalClientError carry no SQLSTATE; these conditions all mean
+# the connection is unusable (closed under it, or left mid-operation by a lost server), so it is
+# replaced.
 _BROKEN_PROTOCOL = re.compile(
     r"closed|cannot switch to state|another operation is in progress|cannot call Transaction"
 )
+_PROTOCOL_ERRORS = frozenset({"InterfaceError", "InternalClientError"})
 # SQLAlchemy's "Can't reconnect until invalid transaction is rolled back".
 _INVALIDATED = "8s2b"
 
@@ -92,7 +94,9 @@ def _driver_condition(exc: BaseException) -> str | None:
                 return "value"
             if name in ("ConnectionDoesNotExistError", "ConnectionFailureError"):
                 return "disconnect"
-            if name == "InterfaceError" and _BROKEN_PROTOCOL.search(str(link)):
+            # InternalClientError: the protocol's own state check ("cannot switch to state
+            # ..."), raised when a connection dies with an operation under way.
+            if name in _PROTOCOL_ERRORS and _BROKEN_PROTOCOL.search(str(link)):
                 return "disconnect"
         if isinstance(link, sa_exc.SQLAlchemyError) and link.code == _INVALIDATED:
             return "disconnect"  # the session kept using a transaction whose connection died

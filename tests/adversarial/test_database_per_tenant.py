@@ -348,7 +348,9 @@ async def test_session_used_in_another_scope_or_after_its_own_raises(
 
 
 async def test_concurrent_tasks_across_three_tenants_on_two_servers(fleet: Fleet) -> None:
-    database = await _database(fleet, pool_size_per_engine=3)
+    # Isolation under concurrency, not capacity: 500 tasks queue on 3 connections a tenant,
+    # which on a loaded 2-core machine outlasts the default one-second share wait.
+    database = await _database(fleet, pool_size_per_engine=3, acquire_timeout=60.0)
     tenants = list(fleet.tenants.values())
     foreign: list[str] = []
 

@@ -288,6 +288,11 @@ def _adapted(error: BaseException) -> sa_exc.DBAPIError:
     "error",
     [
         asyncpg.exceptions.InterfaceError("cannot switch to state 12; another operation (2) is"),
+        # What the protocol itself raises when a backend dies mid-operation (seen under load,
+        # in DatabasePerTenant's identity check on a new connection).
+        asyncpg.exceptions.InternalClientError(
+            "cannot switch to state 11; another operation (2) is in progress"
+        ),
         asyncpg.exceptions.InterfaceError(
             "cannot perform operation: another operation is in progress"
         ),
@@ -307,6 +312,11 @@ def _adapted(error: BaseException) -> sa_exc.DBAPIError:
 def test_every_broken_connection_condition_is_unavailable(error: BaseException) -> None:
     assert isinstance(translate(_adapted(error)), DatabaseUnavailable)
     assert isinstance(translate(error), DatabaseUnavailable)
+
+
+def test_other_internal_client_errors_stay_the_applications() -> None:
+    misuse = asyncpg.exceptions.InternalClientError("cannot use Connection.transaction() here")
+    assert translate(_adapted(misuse)) is None
 
 
 def test_a_transaction_whose_connection_was_invalidated_is_unavailable() -> None:

@@ -75,6 +75,20 @@ def deployment(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[
     yield from deployed(pg_server, request.param)
 
 
+_PROCESSES: dict[str, ServerProcess] = {}  # base URL -> the uvicorn serving it
+
+
+def _unhandled(base: str) -> str:
+    """The server's tracebacks of requests that did not get a status from the library: a
+    failing test shows why (cut streams, which end after their 200, left out)."""
+    process = _PROCESSES.get(base)
+    if process is None:
+        return "(no server output)"
+    blocks = process.drain().split("Exception in ASGI application")[1:]
+    kept = [b[-4000:] for b in blocks if "create_collapsing_task_group" not in b]
+    return "server tracebacks:\n" + ("\n----\n".join(kept[-2:]) or "(none)")
+
+
 @contextlib.contextmanager
 def _served(deployment: Deployment) -> Iterator[str]:
     app_url = deployment.databases[0].app_url  # the central database under database per tenant
@@ -87,10 +101,13 @@ def _served(deployment: Deployment) -> Iterator[str]:
     ]  # fmt: skip
     env = {**os.environ, "TENANCY_LOAD_SPEC": json.dumps(spec)}
     process = ServerProcess(command, cwd=ROOT, env=env, port=port)
+    base = f"http://127.0.0.1:{port}"
+    _PROCESSES[base] = process
     try:
         process.wait_for("Application startup complete", timeout=60)
-        yield f"http://127.0.0.1:{port}"
+        yield base
     finally:
+        del _PROCESSES[base]
         code = process.stop(signal.SIGTERM)  # uvicorn re-raises it once it has shut down
         output = "".join(process.output)
         assert code in (0, -signal.SIGTERM), output
@@ -177,18 +194,20 @@ async def _request(
         tally.codes.add(response.json()["code"])
 
 
-async def _load(base: str, tenants: list[str], fault: str, requests: int, tally: Tally) -> None:
+async def _load(
+    base: str, tenants: list[str], fault: str, requests: int, tally: Tally, clients: int = CLIENTS
+) -> None:
     counter = itertools.count()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DEADLINE
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=20, limits=limits) as client:
 
         async def worker() -> None:
             while (n := next(counter)) < requests and loop.time() < deadline:
                 await _request(client, tenants[n % len(tenants)], n, fault, tally)
 
-        await asyncio.gather(*(worker() for _ in range(CLIENTS)))
+        await asyncio.gather(*(worker() for _ in range(clients)))
 
 
 async def _stored(deployment: Deployment) -> dict[str, list[str]]:
@@ -220,12 +239,18 @@ async def test_under_load_and_faults_every_answer_is_a_status_and_no_row_crosses
     tally = Tally()
     try:
         await _load(server, sorted(deployment.tenants), fault, REQUESTS, tally)
-    finally:
         stop.set()
         killed = await killer if killer is not None else 0
-    if fault == "kill":
-        assert killed > 0
-    await _check(deployment, server, fault, tally)
+        if fault == "kill":
+            assert killed > 0
+        await _check(deployment, server, fault, tally)
+    except AssertionError as exc:
+        exc.add_note(_unhandled(server))
+        raise
+    finally:
+        stop.set()
+        if killer is not None:
+            await killer
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -247,16 +272,22 @@ async def _restart_under_load(
         await asyncio.to_thread(restart)
 
     restarting = asyncio.create_task(restart_under_load())
-    await _load(base, sorted(deployment.tenants), "restart", REQUESTS, tally)
-    await restarting
-    await _check(deployment, base, "restart", tally)
+    try:
+        await _load(base, sorted(deployment.tenants), "restart", REQUESTS, tally)
+        await restarting
+        await _check(deployment, base, "restart", tally)
+    except AssertionError as exc:
+        exc.add_note(_unhandled(base))
+        raise
 
 
 async def _check(deployment: Deployment, server: str, fault: str, tally: Tally) -> None:
     tenants = sorted(deployment.tenants)
 
     clean = Tally()
-    await _load(server, tenants, "none", 40, clean)  # the pool has healed
+    # The pool has healed: no more clients than one pool's connections (load_app.POOL), so
+    # none waits for another's; any 503 now is a connection broken or held, not a queue.
+    await _load(server, tenants, "none", 40, clean, clients=3)
 
     stored = await _stored(deployment)
     assert tally.without_status == [], tally.without_status[:5]
@@ -270,7 +301,7 @@ async def _check(deployment: Deployment, server: str, fault: str, tally: Tally) 
         for source in (tally, clean):
             written = {f"{tenant}-w-{i}" for i in source.acknowledged.get(tenant, ())}
             assert written <= set(stored[tenant]), "an acknowledged write was lost"
-    assert set(clean.statuses) <= {200, 201}, clean.statuses
+    assert set(clean.statuses) <= {200, 201}, (clean.statuses, clean.codes)
     assert clean.without_status == []
     assert clean.cut == 0
     if fault not in ("kill", "restart"):

@@ -51,6 +51,19 @@ class ServerProcess:
             if text in line:
                 return
 
+    def drain(self) -> str:
+        """Everything the process printed so far, without waiting for more."""
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self.lines.put(None)  # the end stays for stop()
+                break
+            self.output.append(line)
+        return "".join(self.output)
+
     def stop(self, signum: int) -> int:
         """Send ``signum``, wait for the exit, keep the rest of the output; the exit code."""
         self.process.send_signal(signum)
