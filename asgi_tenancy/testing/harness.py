@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Table, delete, insert, select
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from ..checks import Finding
 from ..sqlalchemy import IsolationStrategy, TenantDatabase
+from ..sqlalchemy.hooks import hygiene_of
 from ..tenant import Tenant
 from .kit import DatabaseLayout, TenancyKit
 from .loop import AdminLoop
@@ -53,7 +55,9 @@ class TwoTenants:
         self._server = server
         self._databases = tenant_databases or (database, database)
         self._loop = admin_loop
-        self._checked: set[type[IsolationStrategy]] = set()
+        # Per strategy class, once its first database passed validate(): the session-safe
+        # functions its statement judge read from this database (empty off PostgreSQL).
+        self._allowed: dict[type[IsolationStrategy], frozenset[str]] = {}
         self._kept: dict[asyncio.AbstractEventLoop, tuple[TenantDatabase, Any]] = {}
         self._scripts: dict[int | None, str | None] = {}  # the reset as one SQL text
         self._pending: concurrent.futures.Future[None] | None = None  # a reset under way
@@ -100,12 +104,16 @@ class TwoTenants:
         """Holds a database open until the loop finalizes its async generators."""
         strategy = self.kit.strategy()
         kind = type(strategy)
-        if kind in self._checked:
-            vars(strategy)["check"] = _checked_earlier
         database = self.kit.database(self.app_url, strategy)
+        allowed = self._allowed.get(kind)
+        if allowed is not None:
+            vars(strategy)["check"] = _checked_earlier
+            # The same clone, the same functions: a cold backend reads the list in ~10 ms.
+            vars(database)["_load_hygiene"] = partial(_known_hygiene, database, allowed)
         try:
             await database.validate()
-            self._checked.add(kind)
+            judge = hygiene_of(database.engine)
+            self._allowed[kind] = frozenset() if judge is None else judge.functions
             yield database
         finally:
             self._kept.pop(loop, None)
@@ -257,6 +265,12 @@ async def _reset_script(kit: TenancyKit, only: int | None, raw: Any) -> str | No
     fast = not await raw.fetchval(_USER_TRIGGERS)
     replica = "SET LOCAL session_replication_role = replica;\n" if fast else ""
     return f"BEGIN;\n{replica}{script};\nCOMMIT"
+
+
+async def _known_hygiene(database: TenantDatabase, functions: frozenset[str]) -> None:
+    judge = hygiene_of(database.engine)
+    if judge is not None:
+        judge.with_functions(functions)  # read from this database earlier in the session
 
 
 async def _checked_earlier(*args: Any, **kwargs: Any) -> list[Finding]:

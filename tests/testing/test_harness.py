@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import insert, update
 
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from asgi_tenancy.sqlalchemy.hooks import hygiene_of
 from asgi_tenancy.testing import KitDatabases, TenancyKit, TwoTenants
 from tests.conftest import PgServer
 from tests.testing.leaky import SETUPS, Provisioning, notes_base
@@ -28,12 +29,16 @@ def test_one_database_per_event_loop_disposed_when_the_loop_closes(
 ) -> None:
     harness = tenancy_databases.prepare(SETUPS["rls_correct"].kit)
     seen: list[TenantDatabase] = []
+    allowed: list[frozenset[str]] = []
 
     async def twice() -> None:
         for _ in range(2):
             async with harness.database() as database:
                 assert database.validated
                 seen.append(database)
+                judge = hygiene_of(database.engine)
+                assert judge is not None
+                allowed.append(judge.functions)
 
     runner = asyncio.Runner()
     runner.run(twice())
@@ -45,6 +50,9 @@ def test_one_database_per_event_loop_disposed_when_the_loop_closes(
     assert len({id(d) for d in seen}) == 2
     assert seen[-1] is not seen[0]
     assert not seen[-1].validated
+    # A later loop's database judges statements by the allow-list the first one read.
+    assert len(allowed[0]) > 100
+    assert all(a == allowed[0] for a in allowed)
 
 
 @pytest.mark.parametrize("name", CORRECT)
