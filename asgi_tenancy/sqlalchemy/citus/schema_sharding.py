@@ -137,7 +137,9 @@ async def move_schema(
         await conn.rollback()
     if dry_run:
         return plan
-    tables = [str(t) for t in plan.details["tables"]]  # type: ignore[attr-defined]
+    listed = plan.details["tables"]
+    assert isinstance(listed, list)
+    tables = [str(t) for t in listed]
     async with admin.connect() as conn:
         before = await fingerprint(conn, tables)
         await conn.rollback()
