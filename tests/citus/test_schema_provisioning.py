@@ -22,10 +22,10 @@ from asgi_tenancy import (
     IsolationConfigError,
     Tenant,
     TenantContextError,
-    TenantPlacementError,
     tenant_scope,
 )
 from asgi_tenancy.cli import main
+from asgi_tenancy.errors import TenantPlacementError
 from asgi_tenancy.operations.audit import audit_provisioner
 from asgi_tenancy.operations.provisioning import TenantProvisioner
 from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantDatabase
@@ -256,7 +256,7 @@ async def plain_database(cluster: Cluster) -> AsyncIterator[str]:
 async def test_c001_citus_mode_on_a_server_without_citus_is_refused(
     cluster: Cluster, plain_database: str
 ) -> None:
-    url = make_url(cluster.app_url).set(database=plain_database)
+    url = make_url(cluster.app_url).set(database=plain_database).render_as_string(False)
     db = TenantDatabase(url, schema_strategy())
     try:
         with pytest.raises(IsolationConfigError, match="C001"):

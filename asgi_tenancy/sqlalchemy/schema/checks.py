@@ -1,4 +1,5 @@
-"""The start-up checks of schema per tenant (S001-S007), read as the application role."""
+"""The start-up checks of schema per tenant (S001-S007, and C001, C007 on Citus), read as the
+application role."""
 
 from __future__ import annotations
 
