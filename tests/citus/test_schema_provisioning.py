@@ -14,7 +14,7 @@ from io import StringIO
 import pytest
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -275,3 +275,33 @@ def test_citus_mode_refuses_per_tenant_roles_and_the_hardened_mode() -> None:
         SchemaPerTenant(metadata=Base.metadata, citus=True, per_tenant_roles=True)
     with pytest.raises(IsolationConfigError, match="hardened"):
         SchemaPerTenant(metadata=Base.metadata, citus=True, hardened=True, signing_keys=["k" * 32])
+
+
+async def test_the_hardened_policy_cannot_even_be_created_on_a_distributed_schema(
+    cluster: Cluster, admin: AsyncEngine
+) -> None:
+    """Why citus=True refuses hardened: Citus rejects the hardened policy's sub-SELECT on a
+    distributed table, so such a tenant could not be provisioned (nor verified on a worker)."""
+    hardened = SchemaPerTenant(
+        metadata=Base.metadata,
+        naming="citus_hardened_{id}",
+        shared_schema="citus_hardened_shared",
+        hardened=True,
+        signing_keys=["k" * 32],
+    )
+    drop = [
+        "DROP SCHEMA IF EXISTS citus_hardened_acme CASCADE",
+        "DROP SCHEMA IF EXISTS citus_hardened_shared CASCADE",
+    ]
+    await admin_sql(cluster.admin_url, *drop)
+    try:
+        async with admin.begin() as conn:
+            await hardened.create_shared_schema(conn, cluster.app_role)
+            await hardened.install(conn)
+        async with admin.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(text("SET citus.enable_schema_based_sharding = on"))
+            with pytest.raises(DBAPIError, match="non-SELECT command in SubLink"):
+                await hardened.create_tenant_schema(auto, Tenant("acme"), cluster.app_role)
+    finally:
+        await admin_sql(cluster.admin_url, *drop)

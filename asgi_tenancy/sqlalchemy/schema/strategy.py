@@ -127,9 +127,9 @@ class SchemaPerTenant(IsolationStrategy):
             )
         if citus and hardened:
             raise IsolationConfigError(
-                "the hardened mode cannot serve a Citus cluster: its signed binding is keyed"
-                " on the coordinator's backend and its policy functions live on the coordinator,"
-                " so a worker could verify nothing",
+                "the hardened mode cannot serve a Citus cluster: Citus refuses its policy (a"
+                " sub-SELECT) on distributed tables, and its signed binding is keyed on the"
+                " coordinator's backend, so a worker could verify nothing",
                 hint="SchemaPerTenant(citus=True) without hardened (docs/scale-out.md)",
             )
         if existence_ttl < 0 or max_cached_tenants < 1 or max_claims < 1:
