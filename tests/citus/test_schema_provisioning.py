@@ -28,9 +28,10 @@ from asgi_tenancy.cli import main
 from asgi_tenancy.errors import TenantPlacementError
 from asgi_tenancy.operations.audit import audit_provisioner
 from asgi_tenancy.operations.provisioning import TenantProvisioner
-from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantDatabase
+from asgi_tenancy.sqlalchemy import SchemaPerTenant, TenantDatabase, tenants_table
 from tests.citus.conftest import Cluster, admin_sql
 from tests.citus.schema_models import (
+    REGISTRY,
     Account,
     Base,
     Entry,
@@ -305,3 +306,46 @@ async def test_the_hardened_policy_cannot_even_be_created_on_a_distributed_schem
                 await hardened.create_tenant_schema(auto, Tenant("acme"), cluster.app_role)
     finally:
         await admin_sql(cluster.admin_url, *drop)
+
+
+async def test_a_failed_onboarding_leaves_nothing_on_the_coordinator_or_the_workers(
+    cluster: Cluster, admin: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step failing after the schema was distributed (here the last statement of
+    ``create_tenant_schema``) rolls the whole transaction back, the workers' part included."""
+    tenant = "initech"
+    await reset(admin, tenant)
+    strategy = schema_strategy()
+    monkeypatch.setattr(strategy, "tenant_policies", lambda tenant: ["SELECT 1 / 0"])
+    engine = create_async_engine(cluster.admin_url, poolclass=NullPool)
+    made = TenantProvisioner(
+        engine, strategy, app_role=cluster.app_role, table=tenants_table(name=REGISTRY)
+    )
+    try:
+        with pytest.raises(DBAPIError, match="division by zero"):
+            await made.create_tenant(tenant)
+        assert await made.get(tenant) is None
+    finally:
+        await made.dispose()
+    async with admin.connect() as conn:
+        left = (
+            await conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = :s),"
+                    " (SELECT count(*) FROM pg_dist_partition"
+                    "  WHERE logicalrelid::text LIKE :s || '.%')"
+                ),
+                {"s": schema_of(tenant)},
+            )
+        ).one()
+        on_workers = (
+            await conn.execute(
+                text(
+                    "SELECT result FROM run_command_on_workers(format("
+                    "'SELECT count(*) FROM pg_namespace WHERE nspname = %L', CAST(:s AS text)))"
+                ),
+                {"s": schema_of(tenant)},
+            )
+        ).scalars()
+    assert tuple(left) == (0, 0)
+    assert list(on_workers) == ["0", "0"]
