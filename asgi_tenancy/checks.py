@@ -92,6 +92,7 @@ CHECKS: Mapping[str, str] = MappingProxyType(
         "C005": "a shared table is not a Citus reference table",
         "C006": "a tenant table is not distributed by the tenant column (Citus)",
         "C007": "per-tenant roles of SchemaPerTenant on Citus (the workers refuse the login)",
+        "C008": "a tenant schema of SchemaPerTenant(citus=True) is not a distributed schema",
     }
 )
 

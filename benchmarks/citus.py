@@ -16,7 +16,11 @@ between the app and the coordinator through a loopback proxy in a separate pass.
 JSON object.
 
 Then ``move_100k``: one tenant of 100,000 rows (the other tenant's rows beside it) moved to
-the other worker with ``move_tenant``: the seconds to isolate it and to move it.
+the other worker with ``move_tenant``: the seconds to isolate it and to move it. And
+``schema_move_100k``: a schema-mode tenant (``SchemaPerTenant(citus=True)``, a distributed
+schema) of 100,000 rows moved to the other worker with ``citus_schema_move``
+(``SchemaPlacement.move``): the seconds of the copy and of the whole move (fingerprints before
+and after included).
 
 ``TENANCY_CITUS_URL=postgresql://postgres@127.0.0.1:9700/postgres python -m benchmarks.citus``
 (a superuser URL of the coordinator: ``bash ../shared/citus/setup.sh``).
@@ -36,8 +40,14 @@ from sqlalchemy.orm import registry
 from sqlalchemy.sql import Select
 
 from asgi_tenancy import Tenant
-from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from asgi_tenancy.sqlalchemy import (
+    RowLevelSecurity,
+    SchemaPerTenant,
+    TenantDatabase,
+    tenants_table,
+)
 from asgi_tenancy.sqlalchemy.citus import move_tenant
+from asgi_tenancy.sqlalchemy.placement import PlacementContext
 from benchmarks.common import (
     APP_ROLE,
     asgi_call,
@@ -62,6 +72,14 @@ items = Table(
     Column("name", String),
 )
 plain_items = items.to_metadata(MetaData(), name="bench_citus_items_plain")
+
+schema_metadata = MetaData()  # the schema-mode mover's one table
+Table(
+    "bench_citus_notes",
+    schema_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("body", String),
+)
 
 
 class BenchItem:
@@ -232,6 +250,62 @@ async def measure_move(admin_url: URL) -> dict[str, object]:
     }
 
 
+SCHEMA_MOVER = "bench_citus_schema_mover"
+
+
+async def measure_schema_move(admin_url: URL) -> dict[str, object]:
+    """Move one distributed tenant schema of ``MOVE_ROWS`` rows; the seconds it took."""
+    strategy = SchemaPerTenant(
+        metadata=schema_metadata, naming="bench_citus_schema_{id}", shared_schema=None, citus=True
+    )
+    tenant = Tenant("mover")
+    admin = create_async_engine(admin_url)
+    drop = text(f"DROP SCHEMA IF EXISTS {SCHEMA_MOVER} CASCADE")
+    try:
+        async with admin.begin() as conn:
+            await conn.execute(drop)
+            await strategy.create_tenant_schema(conn, tenant, APP_ROLE)
+            await conn.execute(
+                text(
+                    f"INSERT INTO {SCHEMA_MOVER}.bench_citus_notes"
+                    " SELECT g, 'mover-' || g FROM generate_series(1, :n) g"
+                ),
+                {"n": MOVE_ROWS},
+            )
+        async with admin.connect() as conn:
+            here = await conn.scalar(
+                text(
+                    "SELECT nodename || ':' || nodeport FROM pg_dist_shard_placement WHERE shardid"
+                    " = (SELECT shardid FROM pg_dist_shard"
+                    f" WHERE logicalrelid = '{SCHEMA_MOVER}.bench_citus_notes'::regclass)"
+                )
+            )
+            nodes = (
+                await conn.execute(
+                    text(
+                        "SELECT node_name || ':' || node_port FROM citus_get_active_worker_nodes()"
+                    )
+                )
+            ).scalars()
+            target = next(n for n in nodes if n != here)
+        context = PlacementContext(admin_engine=admin, app_role=APP_ROLE, registry=tenants_table())
+        marks: list[float] = []
+        moved = await strategy.placement.move(
+            context, tenant, target, progress=lambda _: marks.append(time.perf_counter())
+        )
+    finally:
+        async with admin.begin() as conn:
+            await conn.execute(drop)
+        await admin.dispose()
+    return {
+        "rows": MOVE_ROWS,
+        "move_s": round(marks[1] - marks[0], 2),
+        "total_s": moved.seconds,
+        "rows_after": dict(moved.rows_after),
+        "checksums_match": moved.checksums_match,
+    }
+
+
 async def main() -> dict[str, object]:
     url = os.environ.get("TENANCY_CITUS_URL")
     if not url:
@@ -251,6 +325,7 @@ async def main() -> dict[str, object]:
         "requests_per_round": REQUESTS,
         "results": {name: await measure(admin_url, app_url, name) for name in SCOPED},
         "move_100k": await measure_move(admin_url),
+        "schema_move_100k": await measure_schema_move(admin_url),
         "peak_rss_mb": peak_rss_mb(),
         "machine": machine(),
     }

@@ -129,6 +129,6 @@ class Placement:
         """
         raise IsolationConfigError(
             "this strategy's tenants share one server's tables: there is nowhere to move one to",
-            hint="moves: RowLevelSecurity(citus=True), SchemaPerTenant on Citus,"
+            hint="moves: RowLevelSecurity(citus=True), SchemaPerTenant(citus=True),"
             " DatabasePerTenant (docs/scale-out.md)",
         )

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asgi_tenancy import InvalidTenantIdentifier, IsolationConfigError, Tenant, tenant_scope
 from asgi_tenancy.cli import main
-from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase, tenants_table
 from asgi_tenancy.sqlalchemy.citus.move import move_tenant
 from tests.citus.conftest import Cluster, row_strategy
 from tests.citus.models import TENANTS, Base, Order
@@ -65,8 +65,13 @@ async def notes(admin: AsyncEngine, tenant: str) -> dict[int, str]:
 
 @pytest.fixture
 async def mover(cluster: Cluster, admin: AsyncEngine) -> AsyncIterator[str]:
-    """A third tenant with 3,000 orders and items, keys colliding with the others'."""
+    """A third tenant with 3,000 orders and items, keys colliding with the others', registered
+    in the provisioner's registry (the CLI moves registered tenants only)."""
+    registry = tenants_table()
     async with admin.begin() as conn:
+        await conn.run_sync(registry.create, checkfirst=True)
+        await conn.execute(registry.delete().where(registry.c.id == MOVER))
+        await conn.execute(registry.insert().values(id=MOVER, status="active"))
         await conn.execute(text("DELETE FROM citus_items WHERE tenant_id = :t"), {"t": MOVER})
         await conn.execute(text("DELETE FROM citus_orders WHERE tenant_id = :t"), {"t": MOVER})
         await conn.execute(
@@ -85,6 +90,7 @@ async def mover(cluster: Cluster, admin: AsyncEngine) -> AsyncIterator[str]:
         )
     yield MOVER
     async with admin.begin() as conn:
+        await conn.execute(registry.delete().where(registry.c.id == MOVER))
         await conn.execute(text("DELETE FROM citus_items WHERE tenant_id = :t"), {"t": MOVER})
         await conn.execute(text("DELETE FROM citus_orders WHERE tenant_id = :t"), {"t": MOVER})
 

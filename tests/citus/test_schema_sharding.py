@@ -1,7 +1,9 @@
-"""SchemaPerTenant on Citus schema-based sharding: each tenant schema is created with
-``citus.enable_schema_based_sharding`` on, so it becomes a distributed schema (its own shard
-group on one worker); the app role's transaction-local ``search_path`` reaches it there.
-Two tenants with the same table names and keys, read back through the admin.
+"""SchemaPerTenant on Citus schema-based sharding: ``create_tenant_schema`` of a
+``citus=True`` strategy makes each tenant schema a distributed schema (its own shard group on
+one worker), on any admin connection; the app role's transaction-local ``search_path`` reaches
+it there. Two tenants with the same table names and keys, read back through the admin.
+Provisioning, migrations and moves: ``test_schema_provisioning.py``, ``test_schema_migrations.py``,
+``test_schema_move.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class Note(Base):
 
 
 def strategy() -> SchemaPerTenant:
-    return SchemaPerTenant(metadata=Base.metadata, naming="citus_tenant_{id}", shared_schema=None)
+    return SchemaPerTenant(
+        metadata=Base.metadata, naming="citus_tenant_{id}", shared_schema=None, citus=True
+    )
 
 
 async def bodies(admin: AsyncEngine, tenant: str) -> dict[int, str]:
@@ -53,7 +57,6 @@ async def schemas(cluster: Cluster, admin: AsyncEngine) -> AsyncIterator[SchemaP
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
         for statement in drop:
             await auto.execute(text(statement))
-        await auto.execute(text("SET citus.enable_schema_based_sharding = on"))
         for tenant in SCHEMA_TENANTS:
             await made.create_tenant_schema(auto, Tenant(tenant), cluster.app_role)
             await auto.execute(
@@ -63,7 +66,6 @@ async def schemas(cluster: Cluster, admin: AsyncEngine) -> AsyncIterator[SchemaP
                 ),
                 {"t": tenant, "n": ROWS},
             )
-        await auto.execute(text("RESET citus.enable_schema_based_sharding"))
     yield made
     async with admin.connect() as conn:
         auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -114,8 +116,9 @@ async def test_each_tenant_reads_and_writes_only_its_schema_on_the_cluster(
 
 @pytest.fixture
 async def role_schemas(cluster: Cluster, admin: AsyncEngine) -> AsyncIterator[SchemaPerTenant]:
-    """The same schemas with per-tenant roles (NOLOGIN, as the strategy creates them); the app
-    role NOINHERIT meanwhile, as PostgreSQL 15 needs (S007)."""
+    """The same schemas with per-tenant roles (NOLOGIN, as the strategy creates them), made
+    distributed by the setting (``citus=True`` refuses per-tenant roles); the app role
+    NOINHERIT meanwhile, as PostgreSQL 15 needs (S007)."""
     made = SchemaPerTenant(
         metadata=Base.metadata,
         naming="citus_tenant_{id}",

@@ -30,7 +30,7 @@ from ..postgres import qualified, quote_literal
 if TYPE_CHECKING:
     from ..rls.strategy import RowLevelSecurity
 
-__all__ = ["CitusRowPlacement", "move_tenant", "plan_tenant_move"]
+__all__ = ["CitusRowPlacement", "move_tenant", "plan_tenant_move", "worker_node"]
 
 
 class CitusRowPlacement(Placement):
@@ -72,7 +72,7 @@ async def plan_tenant_move(
     if not tables:
         raise IsolationConfigError("the strategy's metadata has no tenant table to move")
     table = qualified(tables[0])  # the others are colocated with it: they move along
-    target = await _node(conn, to)
+    target = await worker_node(conn, to)
     shard = await conn.scalar(
         text("SELECT get_shard_id_for_distribution_column(CAST(:t AS regclass), CAST(:v AS text))"),
         {"t": table, "v": tenant_id},
@@ -174,7 +174,7 @@ async def move_tenant(
     )
 
 
-async def _node(conn: AsyncConnection, to: str) -> str:
+async def worker_node(conn: AsyncConnection, to: str) -> str:
     """``host:port`` of an active primary node that may hold shards, named either way."""
     rows = await conn.execute(
         text(

@@ -1,4 +1,5 @@
-"""The start-up checks of schema per tenant (S001-S007), read as the application role."""
+"""The start-up checks of schema per tenant (S001-S007, and C001, C007 on Citus), read as the
+application role."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...checks import Finding
+from ..citus.checks import citus_version
 from ..grants import GrantCodes, Name, check_grants
 from ..postgres import qualified_name, quote_ident, superuser_fix
 from ..rls.signing_checks import check_signer
@@ -54,6 +56,8 @@ async def check(schema: SchemaPerTenant, conn: AsyncConnection) -> list[Finding]
                 f"REVOKE TEMPORARY ON DATABASE {quote_ident(role.db)} FROM PUBLIC, {app}",
             )
         )
+    if schema.citus:
+        findings += await _check_citus_extension(conn)
     if schema.per_tenant_roles:
         findings += await _check_inheritance(conn)
         findings += await _check_citus_roles(conn)
@@ -81,12 +85,25 @@ async def check(schema: SchemaPerTenant, conn: AsyncConnection) -> list[Finding]
     return findings + await check_grants(conn, GRANTS, shared_tables=shared)
 
 
+async def _check_citus_extension(conn: AsyncConnection) -> list[Finding]:
+    """C001: ``citus=True`` on a server without Citus: no schema would be distributed."""
+    if await citus_version(conn) is not None:
+        return []
+    return [
+        Finding(
+            "C001",
+            "extension citus",
+            "SchemaPerTenant(citus=True) but this database has no Citus extension (create it on"
+            " the coordinator and every worker, or drop citus=True on plain PostgreSQL)",
+            "CREATE EXTENSION citus",
+        )
+    ]
+
+
 async def _check_citus_roles(conn: AsyncConnection) -> list[Finding]:
     """C007: on Citus the coordinator reaches the workers as the transaction's current role; a
     tenant role is NOLOGIN, so every query on a distributed tenant schema would fail there."""
-    if not await conn.scalar(
-        text("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')")
-    ):
+    if await citus_version(conn) is None:
         return []
     return [
         Finding(
@@ -94,8 +111,7 @@ async def _check_citus_roles(conn: AsyncConnection) -> list[Finding]:
             "per_tenant_roles",
             "per-tenant roles on Citus: the workers are reached as the tenant role, which cannot"
             " log in",
-            "use SchemaPerTenant without per_tenant_roles on Citus (hardened=True holds against"
-            " injected SQL naming another schema)",
+            "use SchemaPerTenant(citus=True) without per_tenant_roles on Citus",
         )
     ]
 

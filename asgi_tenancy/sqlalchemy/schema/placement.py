@@ -10,6 +10,7 @@ shows across tenants: two tenants on one schema, a schema missing tables its sib
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData, Table, text
@@ -20,8 +21,10 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from ...checks import Finding
 from ...errors import IsolationConfigError, TenantExists, TenantPlacementError
 from ...tenant import Tenant
+from ..citus.schema_sharding import audit_distributed, move_schema
 from ..grants import check_grants
 from ..migrations import read_revision
+from ..moves import Progress, TenantMove
 from ..placement import AuditContext, Placement, PlacementContext, Target
 from ..postgres import (
     MARKER,
@@ -113,7 +116,34 @@ class SchemaPlacement(Placement):
         audit.inspected.extend(t.name for t in self.strategy.tenant_tables())
         audit.revision_kind = "schema"
         findings = await _audit_schemas(self.strategy, audit)
+        if self.strategy.citus:
+            findings += await audit_distributed(audit.conn, _schemas(self.strategy, audit.tenants))
         return findings + await self._audit_hardened(audit)
+
+    async def move(
+        self,
+        context: PlacementContext,
+        tenant: Tenant,
+        to: str,
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> TenantMove:
+        """Move the tenant's distributed schema to Citus node ``to`` (``citus_schema_move``)."""
+        if not self.strategy.citus:
+            raise IsolationConfigError(
+                "moving a tenant schema between nodes needs SchemaPerTenant(citus=True)",
+                hint="docs/scale-out.md",
+            )
+        return await move_schema(
+            context.admin_engine,
+            tenant.id,
+            self.strategy.name,
+            self.strategy.schema_for(tenant),
+            to,
+            dry_run=dry_run,
+            progress=progress,
+        )
 
     async def _audit_hardened(self, audit: AuditContext) -> list[Finding]:
         """A013: in the hardened mode every table of a tenant schema has the signed policy."""
@@ -249,6 +279,17 @@ async def _audit_schemas(strategy: SchemaPerTenant, audit: AuditContext) -> list
         if "alembic_version" in present[schema]:
             audit.revisions[schema] = await conn.run_sync(read_revision, schema)
     return findings
+
+
+def _schemas(strategy: SchemaPerTenant, tenants: Sequence[Tenant]) -> list[str]:
+    """The usable schema names of ``tenants`` (an unusable one is A011 already)."""
+    names = []
+    for tenant in tenants:
+        try:
+            names.append(strategy.schema_for(tenant))
+        except TenantPlacementError:
+            continue
+    return sorted(set(names))
 
 
 def _create_tables(

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ...checks import Finding
 from ...errors import IsolationConfigError, TenantPlacementError, TenantSchemaMissing
 from ...tenant import Tenant
+from ..citus.schema_sharding import distribute_sql as citus_distribute_sql
 from ..placement import Placement
 from ..postgres import (
     MARKER,
@@ -80,6 +81,10 @@ class SchemaPerTenant(IsolationStrategy):
     policy admits only the schema's own tenant, named by a signed binding (``signing_keys``,
     ``pooling`` and ``token_window`` as for ``RowLevelSecurity(signed=True)``); its functions
     live in ``function_schema`` (default: the shared schema).
+
+    ``citus=True`` serves tenant schemas on Citus schema-based sharding: each is created as a
+    distributed schema (its own shard group, on one worker) and can be moved to another node
+    (``docs/scale-out.md``); not with per-tenant roles or ``hardened``.
     """
 
     name = "schema"
@@ -103,6 +108,7 @@ class SchemaPerTenant(IsolationStrategy):
         token_window: float = 10.0,
         function_schema: str | None = None,
         setting: str = "app.tenant_id",
+        citus: bool = False,
     ) -> None:
         if shared_schema is not None:
             check_name(shared_schema, "shared schema")
@@ -114,6 +120,19 @@ class SchemaPerTenant(IsolationStrategy):
             raise IsolationConfigError(
                 "role_attribute needs per_tenant_roles=True", hint="set per_tenant_roles=True"
             )
+        if citus and per_tenant_roles:
+            raise IsolationConfigError(
+                "per-tenant roles cannot serve a Citus cluster: the coordinator reaches the"
+                " workers as the tenant role, which cannot log in (C007)",
+                hint="SchemaPerTenant(citus=True) without per_tenant_roles",
+            )
+        if citus and hardened:
+            raise IsolationConfigError(
+                "the hardened mode cannot serve a Citus cluster: Citus refuses its policy (a"
+                " sub-SELECT) on distributed tables, and its signed binding is keyed on the"
+                " coordinator's backend, so a worker could verify nothing",
+                hint="SchemaPerTenant(citus=True) without hardened (docs/scale-out.md)",
+            )
         if existence_ttl < 0 or max_cached_tenants < 1 or max_claims < 1:
             raise IsolationConfigError("cache sizes must be positive and the TTL not negative")
         self.metadata = metadata
@@ -122,6 +141,7 @@ class SchemaPerTenant(IsolationStrategy):
         self.shared_schema = shared_schema
         self.per_tenant_roles = per_tenant_roles
         self.role_attribute = role_attribute
+        self.citus = citus
         self.existence_ttl = existence_ttl
         self._max_cached = max_cached_tenants
         self._schemas = _BoundedMap(max_claims)
@@ -346,6 +366,7 @@ class SchemaPerTenant(IsolationStrategy):
 
         Run as the owner of the tables (never the application role). With per-tenant roles the
         tenant role is created (NOLOGIN) and granted to ``app_role``; only it gets privileges.
+        With ``citus=True`` the schema is made a distributed schema once its tables exist.
         """
         schema = self.schema_for(tenant)
         app = check_name(app_role, "application role")
@@ -360,6 +381,9 @@ class SchemaPerTenant(IsolationStrategy):
             self._require_metadata().create_all(branch, tables=tables)
 
         await admin.run_sync(create)
+        if self.citus:
+            # Before the grants: Citus gives a shard the grants its table has from then on.
+            await admin.execute(text(citus_distribute_sql(schema)))
         grantee = app
         if role is not None:
             grantee = role
