@@ -7,7 +7,9 @@ the driver's message out of the result (it may carry a host, a DSN or a row):
 - a refused, lost or killed connection, a server shutting down, a driver left mid-operation
   (``cannot switch to state``, ``another operation is in progress``), a transaction whose
   connection was invalidated: ``DatabaseUnavailable`` (503);
-- a serialization failure or a deadlock (``40001``, ``40P01``): ``DatabaseConflict`` (503);
+- a serialization failure or a deadlock (``40001``, ``40P01``), or a Citus shard split or moved
+  under the statement (``XX000`` "could not find valid entry for shard"): ``DatabaseConflict``
+  (503, retry);
 - a statement or lock timeout (``57014``, ``55P03``): ``DatabaseTimeout`` (504);
 - a pool that had no connection in time: ``TenantCapacityExceeded`` (503);
 - a value the server (or the driver, before sending) refuses: ``InvalidValue`` (400).
@@ -54,6 +56,9 @@ _BROKEN_PROTOCOL = re.compile(
     r"closed|cannot switch to state|another operation is in progress|cannot call Transaction"
 )
 _PROTOCOL_ERRORS = frozenset({"InterfaceError", "InternalClientError"})
+# Citus, when a shard was split or moved between a statement's planning and its execution
+# (isolate_tenant_to_new_shard, citus_move_shard_placement): internal error XX000, retryable.
+_SHARD_GONE = re.compile(r"could not find valid entry for shard \d+")
 # SQLAlchemy's "Can't reconnect until invalid transaction is rolled back".
 _INVALIDATED = "8s2b"
 
@@ -105,6 +110,14 @@ def _driver_condition(exc: BaseException) -> str | None:
     return None
 
 
+def _server_message(exc: BaseException) -> str:
+    """The server's own message: the link of the chain that carries the SQLSTATE."""
+    for link in _chain(exc):
+        if isinstance(getattr(link, "sqlstate", None), str):
+            return str(link)
+    return ""
+
+
 def translate(exc: BaseException) -> TenancyError | None:
     """The ``TenancyError`` a database failure means, or ``None`` when it is not one."""
     if isinstance(exc, TenancyError):
@@ -121,6 +134,8 @@ def translate(exc: BaseException) -> TenancyError | None:
             return DatabaseUnavailable("the database connection was lost")
         if state in _VALUE:
             return InvalidValue("the database refused a value of the request")
+        if state == "XX000" and _SHARD_GONE.search(_server_message(exc)):
+            return DatabaseConflict("the tenant's shard moved under the transaction; retry it")
         return None
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return DatabaseUnavailable("the database connection was lost")

@@ -167,3 +167,17 @@ async def test_integrity_and_programming_errors_stay_the_applications(db: Tenant
     with pytest.raises(IntegrityError):
         await _add_duplicate(db)
     assert isinstance(await _failure(db, "SELECT * FROM no_such_table"), ProgrammingError)
+
+
+async def test_a_citus_shard_gone_under_the_statement_is_a_retryable_conflict(
+    db: TenantDatabase,
+) -> None:
+    """What Citus raises when a tenant's shard is split or moved between a statement's
+    planning and its execution (tests/citus/test_move.py meets it for real): retry, not 500."""
+    error = await _failure(
+        db,
+        "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'XX000',"
+        " MESSAGE = 'could not find valid entry for shard 102008'; END $$",
+    )
+    assert type(error) is DatabaseConflict
+    assert "102008" not in str(error)
