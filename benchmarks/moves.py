@@ -166,13 +166,7 @@ async def run(source: URL, target: URL, *, throwaway_source: bool) -> dict[str, 
     steps = {name: round(bounds[i + 1] - bounds[i], 3) for i, name in enumerate(names)}
     await db.dispose()
     await store_engine.dispose()
-    # The tenant is on the target now: this provisioner's admin engine cannot drop it there.
-    target_admin = create_async_engine(target, isolation_level="AUTOCOMMIT")
-    async with target_admin.connect() as conn:
-        await conn.execute(text("DROP DATABASE IF EXISTS bench_move_bench_mover WITH (FORCE)"))
-    await target_admin.dispose()
-    async with admin.begin() as conn:
-        await conn.execute(text("DELETE FROM tenants WHERE id = :t"), {"t": TENANT})
+    await provisioner.drop_tenant(TENANT, confirm=True)  # on the server it is on now
     await admin.dispose()
     return {
         "rows": {"items": ROWS, "notes": NOTES},

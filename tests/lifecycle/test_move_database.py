@@ -319,7 +319,7 @@ async def test_moves_are_refused_before_anything_is_made(
     assert await provisioner.get(mover) is not None
 
 
-async def test_a_stale_cached_record_gets_a_503_never_the_old_database(
+async def test_a_stale_record_gets_a_503_never_the_old_database_and_the_tenant_drops_there(
     world: dict[str, Any], second_server: PgServer
 ) -> None:
     provisioner: TenantProvisioner = world["provisioner"]
@@ -331,6 +331,11 @@ async def test_a_stale_cached_record_gets_a_503_never_the_old_database(
         await _notes(cached, db, mover)
     cached.invalidate(mover)  # what the TTL does at the latest
     assert await _notes(cached, db, mover) == _truth("mover")
+    # The provisioner drops a moved tenant on the server it is on now.
+    await db.dispose()
+    await provisioner.drop_tenant(mover, confirm=True)
+    assert not await _database_exists(_to(second_server), f"{RUN}_{mover}")
+    assert await provisioner.get(mover) is None
 
 
 def test_the_cli_prints_the_plan_then_moves_with_json(

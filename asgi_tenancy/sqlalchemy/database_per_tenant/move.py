@@ -28,10 +28,13 @@ The steps, each reported to ``progress``:
    committed target. Any difference aborts.
 6. **Switch** the registry row's URL attribute to the target (the row locked; refused if it
    changed meanwhile), still under the lock.
-7. **Drain and drop** the source: wait (at most ``DRAIN_SECONDS``) until no session of the
-   source runs anything but a wait on the move's lock, forbid new connections, then
-   ``DROP DATABASE ... WITH (FORCE)``: the writers that waited are terminated (their driver
-   error becomes the library's 503, ``DatabaseUnavailable``) and never commit on the source.
+7. **Drain and drop** the source: the writers waiting on the lock are terminated at once
+   (they could only ever commit on the source; their driver error becomes the library's 503,
+   ``DatabaseUnavailable``); reads in flight finish: the move waits (at most
+   ``DRAIN_SECONDS``) until two polls in a row find no session of the source running anything
+   but a wait on its lock. Then new connections are refused (``ALLOW_CONNECTIONS false``),
+   the remaining sessions ended, and ``DROP DATABASE ... WITH (FORCE)`` ends the lock holder
+   last. A failure after the switch still fences the source before the lock can go.
 
 Fail closed: anything before the switch that fails (a mismatch, the target failing, a lock
 not granted in time) removes the target database and releases the lock; the registry still
@@ -505,6 +508,8 @@ async def _lock(conn: AsyncConnection, plan: _Plan) -> int:
     """Every table of the source locked against writes until ``conn``'s transaction ends;
     the locking backend's pid."""
     await conn.execute(text(f"SET LOCAL lock_timeout = {quote_literal(LOCK_TIMEOUT)}"))
+    if not plan.tables:  # nothing to write to, nothing to pause
+        return int(await conn.scalar(text("SELECT pg_backend_pid()")) or 0)
     try:
         await conn.execute(
             text(f"LOCK TABLE {', '.join(t.sql for t in plan.tables)} IN EXCLUSIVE MODE")

@@ -116,15 +116,36 @@ class DatabasePlacement(Placement):
     async def before_drop(
         self, context: PlacementContext, conn: AsyncConnection, tenant: Tenant
     ) -> None:
-        await owned_by(conn, "database", self._database_of(tenant, context), tenant.id)
+        name = check_name(self.strategy.url_of(tenant).database, "database")
+        async with self._server_of(tenant, context) as server:
+            if server is context.admin_engine:
+                await owned_by(conn, "database", name, tenant.id)
+            else:
+                async with server.connect() as elsewhere:
+                    await owned_by(elsewhere, "database", name, tenant.id)
 
     async def drop(
         self, context: PlacementContext, conn: AsyncConnection | None, tenant: Tenant
     ) -> None:
-        await self._drop_database(context, self._database_of(tenant, context))
+        name = check_name(self.strategy.url_of(tenant).database, "database")
+        async with self._server_of(tenant, context) as server:
+            await drop_database(server, name)
 
-    async def _drop_database(self, context: PlacementContext, name: str) -> None:
-        await drop_database(context.admin_engine, name)
+    @asynccontextmanager
+    async def _server_of(
+        self, tenant: Tenant, context: PlacementContext
+    ) -> AsyncIterator[AsyncEngine]:
+        """An owner's engine on the server the tenant's database is on: the admin engine, or,
+        for a tenant moved to another server, the admin's credentials there (as ``target``)."""
+        url = self.target(tenant, context).url
+        if url_target(url)[:3] == url_target(context.admin_engine.url)[:3]:
+            yield context.admin_engine
+            return
+        engine = create_async_engine(url.set(database="postgres"), poolclass=NullPool)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
 
     def target(self, tenant: Tenant, context: PlacementContext) -> Target:
         """The tenant database as the owner: its host and name, the admin's credentials."""
