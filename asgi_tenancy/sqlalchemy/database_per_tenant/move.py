@@ -171,7 +171,12 @@ async def _copy_switch_drop(
                     hint=f"tables that differ: {', '.join(differ)}; the tenant stays on its source",
                 )
             say("verified: row counts and checksums match; switching the registry")
-            await _switch(plan, context, strategy)
+            try:
+                await _switch(plan, context, strategy)
+            except BaseException:
+                # A commit sent but not confirmed may have switched: then go on, lock still held.
+                if await _switched_anyway(plan, context, strategy) is not True:
+                    raise
             switched = True
             paused_for = time.perf_counter() - paused
             await _after_switch(held, source_server, plan, holder, say)
@@ -332,6 +337,23 @@ async def _switch(plan: MovePlan, context: PlacementContext, strategy: DatabaseP
             .where(registry.c.id == plan.tenant.id)
             .values(attributes=attributes, updated_at=sa.func.now())
         )
+
+
+async def _switched_anyway(
+    plan: MovePlan, context: PlacementContext, strategy: DatabasePerTenant
+) -> bool | None:
+    """Whether the registry names the target after a failed switch (its commit may have been
+    sent, then the answer lost); ``None`` when the registry cannot be read."""
+    url = plan.target_app.render_as_string(hide_password=False)
+    registry = context.registry
+    try:
+        async with context.admin_engine.connect() as conn:
+            attributes = await conn.scalar(
+                sa.select(registry.c.attributes).where(registry.c.id == plan.tenant.id)
+            )
+    except Exception:
+        return None
+    return isinstance(attributes, dict) and attributes.get(strategy.url_attribute) == url
 
 
 async def _after_switch(

@@ -108,6 +108,7 @@ class MovePlan:
 async def plan_move(
     strategy: DatabasePerTenant, context: PlacementContext, tenant: Tenant, to: str
 ) -> MovePlan:
+    """The move as it would run now, or a refusal; reads both servers, changes nothing."""
     if strategy.url_for is not None:
         raise IsolationConfigError(
             "the tenant's URL comes from url_for: a move cannot point it at another server",
