@@ -33,6 +33,7 @@ from asgi_tenancy.errors import TenantPlacementError
 from asgi_tenancy.operations import TenantProvisioner
 from asgi_tenancy.sqlalchemy import DatabasePerTenant, SqlAlchemyTenantStore, TenantDatabase
 from asgi_tenancy.sqlalchemy.database_per_tenant import move as move_module
+from asgi_tenancy.sqlalchemy.database_per_tenant.databases import url_target
 from asgi_tenancy.sqlalchemy.moves import TenantMove
 from tests.conftest import (
     APP_PASSWORD,
@@ -251,7 +252,8 @@ async def test_a_tenant_moves_to_another_server_while_readers_and_a_writer_run(
     assert not await _database_exists(lifecycle_database.admin_url, name)
     registry = await provisioner.get(mover)
     assert registry is not None
-    assert make_url(registry.attributes["database_url"]).query == second_server.admin_url.query
+    moved_to = url_target(make_url(registry.attributes["database_url"]))
+    assert moved_to[:3] == url_target(second_server.admin_url)[:3]
     assert registry.attributes["database"] == name
     # The neighbour never moved and kept its rows.
     assert await _database_exists(lifecycle_database.admin_url, f"{RUN}_{neighbour}")

@@ -192,9 +192,18 @@ def _target_url(to: str, admin: URL) -> URL:
 
 def _on_server(url: URL, server: URL) -> URL:
     """``url`` (the tenant's, its role and database) on ``server``'s host and port."""
-    moved = url.difference_update_query(["host", "port"]).set(host=server.host, port=server.port)
-    extra = {k: server.query[k] for k in ("host", "port") if k in server.query}
-    return moved.update_query_dict(extra) if extra else moved
+    query = {k: v for k, v in url.query.items() if k not in ("host", "port")}
+    query.update({k: v for k, v in server.query.items() if k in ("host", "port")})
+    # URL.create, not URL.set: set() cannot clear a host (a Unix socket target has none).
+    return URL.create(
+        url.drivername,
+        username=url.username,
+        password=url.password,
+        host=server.host,
+        port=server.port,
+        database=url.database,
+        query=query,
+    )
 
 
 def shown(url: URL) -> str:
