@@ -63,9 +63,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from ...errors import TenantPlacementError
+from ...errors import TenancyError, TenantPlacementError
 from ...tenant import Tenant, TenantStatus
-from ..failures import sqlstate
+from ..failures import describe, sqlstate
 from ..moves import Fingerprint, Progress, TenantMove, fingerprint, rows
 from ..placement import PlacementContext
 from ..postgres import owned_by, quote_ident, quote_literal
@@ -125,9 +125,17 @@ async def move_database(
     source_server = create_async_engine(plan.source_server, poolclass=NullPool)
     try:
         extra = (ALEMBIC_DDL,) if plan.alembic else ()
-        await build_database(
-            target_server, plan.database, tenant.id, plan.grantee, context.metadata, extra=extra
-        )
+        try:
+            await build_database(
+                target_server, plan.database, tenant.id, plan.grantee, context.metadata, extra=extra
+            )
+        except TenancyError:
+            raise
+        except Exception as exc:  # it removed what it made; nothing else was touched
+            raise TenantPlacementError(
+                "creating the tenant's database on the target failed: nothing was moved",
+                hint=describe(exc),
+            ) from exc
         target = create_async_engine(plan.target_server.set(database=plan.database))
         try:
             return await _copy_switch_drop(
@@ -188,6 +196,11 @@ async def _copy_switch_drop(
                 exc.add_note(
                     f"asgi-tenancy: removing the target database failed ({type(cleanup).__name__})"
                 )
+            if isinstance(exc, Exception) and not isinstance(exc, TenancyError):
+                raise TenantPlacementError(
+                    "the move failed before the switch: it is undone",
+                    hint=f"{describe(exc)}; the tenant stays on its source",
+                ) from exc
         raise
     say(f"done: the tenant is on {shown(plan.target_server)}")
     return TenantMove(
