@@ -2,9 +2,9 @@
 
 The steps, each reported to ``progress``:
 
-1. **Check** (a dry run stops here): the tenant's URL is its registry attribute (not
-   ``url_for``, which the library cannot rewrite); its database carries the tenant's marker;
-   ``to`` (the target server's admin URL) is reachable, is another server (its
+1. **Check** (``move_plan.py``; a dry run stops here): the tenant's URL is its registry
+   attribute (not ``url_for``, which the library cannot rewrite); its database carries the
+   tenant's marker; ``to`` (the target server's admin URL) is reachable, is another server (its
    ``system_identifier`` differs), has the tenant's role and no database of that name; the
    source holds exactly the provisioner's ``metadata`` tables (plus ``alembic_version``).
 2. **Create** the target database as provisioning does (``build_database``: marker, ``CONNECT``
@@ -37,10 +37,11 @@ The steps, each reported to ``progress``:
    last. A failure after the switch still fences the source before the lock can go.
 
 Fail closed: anything before the switch that fails (a mismatch, the target failing, a lock
-not granted in time) removes the target database and releases the lock; the registry still
-points at the source, which is untouched. The source is dropped last, only once verified and
-switched. A write acknowledged before the switch committed before the lock was granted, so it
-was copied and verified.
+not granted in time) removes the target database and releases the lock, and is raised as a
+``TenantPlacementError``; the registry still points at the source, which is untouched. A
+switch whose commit went unconfirmed is read back first: if it took, the move goes on. The
+source is dropped last, only once verified and switched. A write acknowledged before the
+switch committed before the lock was granted, so it was copied and verified.
 
 After the switch, a process serving requests reaches the target as soon as it reads the
 tenant again: at once with ``SqlAlchemyTenantStore``, within ``CachedTenantStore``'s ``ttl``
