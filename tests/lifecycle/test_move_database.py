@@ -389,3 +389,25 @@ def test_the_cli_prints_the_plan_then_moves_with_json(
     assert body["move"]["rows_after"] == {"notes": 0}
     assert asyncio.run(_database_exists(_to(second_server), name))
     assert not asyncio.run(_database_exists(lifecycle_database.admin_url, name))
+
+
+async def test_a_move_that_cannot_pause_writes_in_time_is_undone(
+    world: dict[str, Any],
+    second_server: PgServer,
+    lifecycle_database: PgDatabase,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provisioner: TenantProvisioner = world["provisioner"]
+    store, db, mover = world["store"], world["db"], world["mover"]
+    name = f"{RUN}_{mover}"
+    before = await provisioner.get(mover)
+    monkeypatch.setattr(move_module, "LOCK_TIMEOUT", "200ms")
+    tenant = await store.get(mover)
+    async with tenant_scope(tenant), db.session() as s:  # a write left open on the source
+        await s.execute(text("UPDATE notes SET body = body WHERE id = 1"))
+        with pytest.raises(TenantPlacementError, match="did not pause"):
+            await provisioner.move_tenant(mover, _to(second_server))
+        await s.rollback()
+    assert not await _database_exists(_to(second_server), name)
+    assert await provisioner.get(mover) == before
+    assert await _notes(store, db, mover) == _truth("mover")
