@@ -6,7 +6,8 @@ the driver's message out of the result (it may carry a host, a DSN or a row):
 
 - a refused, lost or killed connection, a server shutting down, a driver left mid-operation
   (``cannot switch to state``, ``another operation is in progress``), a transaction whose
-  connection was invalidated: ``DatabaseUnavailable`` (503);
+  connection was invalidated, a database that does not exist (any more):
+  ``DatabaseUnavailable`` (503);
 - a serialization failure or a deadlock (``40001``, ``40P01``), or a Citus shard split or moved
   under the statement (``XX000`` "could not find valid entry for shard"): ``DatabaseConflict``
   (503, retry);
@@ -41,8 +42,9 @@ __all__ = ["TRANSLATABLE", "describe", "sqlstate", "translate", "translated", "t
 
 _CONFLICT = frozenset({"40001", "40P01"})
 _TIMEOUT = frozenset({"57014", "55P03"})
-# Class 08 (connection exception), and the shutdown family of class 57.
-_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03", "53300"})
+# Class 08 (connection exception), the shutdown family of class 57, and a database that is gone
+# (3D000 at connect: a tenant database dropped after its move, reached from a stale record).
+_UNAVAILABLE = frozenset({"57P01", "57P02", "57P03", "53300", "3D000"})
 # Values the request carried: out of range, malformed, too long, NUL or untranslatable text;
 # 22000 is also what asyncpg answers when it cannot encode an argument (an int past int32).
 _VALUE = frozenset(

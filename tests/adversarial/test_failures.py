@@ -65,6 +65,7 @@ async def _raise_state(db: TenantDatabase, state: str) -> BaseException:
         ("57P02", DatabaseUnavailable),  # crash_shutdown
         ("57P03", DatabaseUnavailable),  # cannot_connect_now
         ("08006", DatabaseUnavailable),  # connection_failure
+        ("3D000", DatabaseUnavailable),  # invalid_catalog_name (a moved tenant's old database)
         ("22003", InvalidValue),  # numeric_value_out_of_range
         ("22P02", InvalidValue),  # invalid_text_representation
         ("22021", InvalidValue),  # character_not_in_repertoire

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from ...checks import Finding
@@ -25,35 +25,16 @@ from ...tenant import Tenant
 from ..failures import sqlstate
 from ..grants import GrantCodes, check_grants, in_database
 from ..migrations import read_revision
+from ..moves import Progress, TenantMove
 from ..placement import UNREADABLE, AuditContext, Placement, PlacementContext, Target
-from ..postgres import (
-    check_name,
-    comment_sql,
-    dml_grants,
-    exists,
-    owned_by,
-    quote_ident,
-    superuser_fix,
-)
+from ..postgres import check_name, dml_grants, exists, owned_by, quote_ident, superuser_fix
+from .databases import IDENTITY_SQL, autocommit, build_database, drop_database, url_target
+from .move import move_database
 
 if TYPE_CHECKING:
     from .strategy import DatabasePerTenant
 
 __all__ = ["IDENTITY_SQL", "DatabasePlacement", "url_target"]
-
-IDENTITY_SQL = (
-    "SELECT current_database() AS db,"
-    " (SELECT system_identifier FROM pg_control_system())::text AS server,"
-    " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,"
-    " (SELECT oid = 10 FROM pg_roles WHERE rolname = current_user) AS bootstrap"
-)
-
-
-def url_target(url: URL) -> tuple[str, ...]:
-    """Where a URL points (hosts, ports, database), compared before any SQL is sent."""
-    hosts = url.query.get("host") or url.host or ""
-    return (url.get_backend_name(), str(hosts).lower(), str(url.port or 5432), url.database or "")
-
 
 _CENTRAL = "the application's own database"
 _MISSING_DATABASE = "3D000"  # invalid_catalog_name
@@ -99,66 +80,46 @@ class DatabasePlacement(Placement):
         self, context: PlacementContext, conn: AsyncConnection | None, tenant: Tenant
     ) -> None:
         name = self._database_of(tenant, context)
-        async with _autocommit(context) as admin:
+        async with autocommit(context.admin_engine) as admin:
             if await exists(admin, "database", name):
                 raise TenantExists("the tenant's database already exists")
-            await admin.execute(text(f"CREATE DATABASE {quote_ident(name)}"))
-        try:
-            async with _autocommit(context) as admin:
-                database, app = quote_ident(name), quote_ident(context.app_role)
-                await admin.execute(text(comment_sql("database", name, tenant.id)))
-                await admin.execute(
-                    text(f"REVOKE CONNECT, TEMPORARY ON DATABASE {database} FROM PUBLIC")
-                )
-                await admin.execute(text(f"GRANT CONNECT ON DATABASE {database} TO {app}"))
-            await self._create_tables(context, name)
-        except BaseException as exc:
-            try:
-                await self._drop_database(context, name)
-            except Exception as cleanup:
-                exc.add_note(
-                    f"asgi-tenancy: removing the database failed ({type(cleanup).__name__})"
-                )
-            raise
-
-    async def _create_tables(self, context: PlacementContext, name: str) -> None:
-        """The tables of ``metadata``, owned by the admin role; the app role gets DML only."""
-        url = context.admin_engine.url.set(database=name)
-        engine = create_async_engine(url, poolclass=NullPool)
-        schemas = {"public"}
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
-                metadata = context.metadata
-                if metadata is not None:
-                    for table in metadata.tables.values():
-                        if table.schema not in (None, "public"):
-                            schema = check_name(table.schema, "table schema")
-                            if schema not in schemas:
-                                await conn.execute(
-                                    text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-                                )
-                            schemas.add(schema)
-                    await conn.run_sync(metadata.create_all)
-                for schema in sorted(schemas):
-                    for statement in dml_grants(schema, context.app_role):
-                        await conn.execute(text(statement))
-        finally:
-            await engine.dispose()
+        await build_database(
+            context.admin_engine, name, tenant.id, context.app_role, context.metadata
+        )
 
     async def before_drop(
         self, context: PlacementContext, conn: AsyncConnection, tenant: Tenant
     ) -> None:
-        await owned_by(conn, "database", self._database_of(tenant, context), tenant.id)
+        name = check_name(self.strategy.url_of(tenant).database, "database")
+        async with self._server_of(tenant, context) as server:
+            if server is context.admin_engine:
+                await owned_by(conn, "database", name, tenant.id)
+            else:
+                async with server.connect() as elsewhere:
+                    await owned_by(elsewhere, "database", name, tenant.id)
 
     async def drop(
         self, context: PlacementContext, conn: AsyncConnection | None, tenant: Tenant
     ) -> None:
-        await self._drop_database(context, self._database_of(tenant, context))
+        name = check_name(self.strategy.url_of(tenant).database, "database")
+        async with self._server_of(tenant, context) as server:
+            await drop_database(server, name)
 
-    async def _drop_database(self, context: PlacementContext, name: str) -> None:
-        async with _autocommit(context) as admin:
-            await admin.execute(text(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)"))
+    @asynccontextmanager
+    async def _server_of(
+        self, tenant: Tenant, context: PlacementContext
+    ) -> AsyncIterator[AsyncEngine]:
+        """An owner's engine on the server the tenant's database is on: the admin engine, or,
+        for a tenant moved to another server, the admin's credentials there (as ``target``)."""
+        url = self.target(tenant, context).url
+        if url_target(url)[:3] == url_target(context.admin_engine.url)[:3]:
+            yield context.admin_engine
+            return
+        engine = create_async_engine(url.set(database="postgres"), poolclass=NullPool)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
 
     def target(self, tenant: Tenant, context: PlacementContext) -> Target:
         """The tenant database as the owner: its host and name, the admin's credentials."""
@@ -180,11 +141,20 @@ class DatabasePlacement(Placement):
         audit.revision_kind = "database"
         return await _audit_databases(self.strategy, audit)
 
-
-@asynccontextmanager
-async def _autocommit(context: PlacementContext) -> AsyncIterator[AsyncConnection]:
-    async with context.admin_engine.connect() as conn:
-        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+    async def move(
+        self,
+        context: PlacementContext,
+        tenant: Tenant,
+        to: str,
+        *,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> TenantMove:
+        """Copy the tenant's database to the server at ``to`` (its admin URL), verify, switch
+        the registry, drop the source (``move.py``)."""
+        return await move_database(
+            self.strategy, context, tenant, to, dry_run=dry_run, progress=progress
+        )
 
 
 async def _audit_databases(strategy: DatabasePerTenant, audit: AuditContext) -> list[Finding]:
