@@ -38,6 +38,17 @@ class Cluster:
     def url(self, role: str) -> str:
         return make_url(self.app_url).set(username=role).render_as_string(hide_password=False)
 
+    @property
+    def coordinator(self) -> str:
+        """``host:port`` of the coordinator: a node that holds no shards (CI runs the cluster
+        on ports of its own, so never assume 9700)."""
+        url = make_url(self.admin_url)
+        return f"{url.host}:{url.port or 5432}"
+
+    @property
+    def coordinator_port(self) -> int:
+        return int(self.coordinator.rsplit(":", 1)[1])
+
 
 def citus_url() -> str:
     url = os.environ.get("TENANCY_CITUS_URL")

@@ -223,7 +223,7 @@ async def test_a_schema_move_is_refused_without_citus_mode_or_to_a_node_that_is_
     )
     with pytest.raises(IsolationConfigError, match="citus=True"):
         await plain.move_tenant(MOVER, target)
-    for node in ("127.0.0.1:9700", "127.0.0.1:1", "no-such-node"):  # the coordinator: no shards
+    for node in (cluster.coordinator, "127.0.0.1:1", "no-such-node"):  # coordinator: no shards
         with pytest.raises(IsolationConfigError, match="no active node"):
             await provisioner.move_tenant(MOVER, node)
     status, body = await asyncio.to_thread(cli, MOVER, "--to", "127.0.0.1:1")
