@@ -73,6 +73,11 @@ class TwoTenants:
     def __repr__(self) -> str:
         return f"TwoTenants({self.a.id!r}, {self.b.id!r}, database={self.name!r})"
 
+    def share_checks(self, other: TwoTenants) -> None:
+        """Take ``other``'s record of which strategies passed their catalog checks: a clone of
+        the same template holds the same catalog."""
+        self._allowed = other._allowed
+
     @property
     def databases(self) -> list[str]:
         """Every database of this harness: the application's, then the tenants' own."""

@@ -33,24 +33,48 @@ DATABASE_URL_VARIABLE = "TENANCY_TEST_DATABASE_URL"
 
 
 class KitDatabases:
-    """The test session's databases: per kit, one template and one clone of it (three with a
-    database per tenant), and the admin loop their superuser connections live on."""
+    """The test session's databases: per kit, one template and two clones of it (three each
+    with a database per tenant), and the admin loop their superuser connections live on.
+
+    The two clones take turns: a test runs on one while the other's rows are put back, so a
+    test waits for a reset only when the reset is slower than the test before it.
+    """
 
     def __init__(self, server: KitServer) -> None:
         self.server = server
         self._prepared: dict[int, TwoTenants] = {}
+        self._spares: dict[int, TwoTenants] = {}
+        self._turns: dict[int, int] = {}
         self._kits: list[TenancyKit] = []  # held, so an id() is never reused
         self._loop: AdminLoop | None = None
 
     def prepare(self, kit: TenancyKit) -> TwoTenants:
-        """The kit's database for this session, cloned from its template on first use."""
+        """The kit's first database for this session, cloned from its template on first use,
+        with its rows as seeded (a reset under way is waited for)."""
+        found = self._first(kit)
+        found.settle()  # the reset after the previous test is done
+        return found
+
+    def _first(self, kit: TenancyKit) -> TwoTenants:
         found = self._prepared.get(id(kit))
         if found is None:
             found = asyncio.run(self._prepare(kit))
             self._prepared[id(kit)] = found
             self._kits.append(kit)
-        found.settle()  # the reset after the previous test is done
         return found
+
+    def _next(self, kit: TenancyKit) -> TwoTenants:
+        """The clone whose turn it is; the second is made on the kit's second test."""
+        first = self._first(kit)
+        turn = self._turns.get(id(kit), 0)
+        self._turns[id(kit)] = turn ^ 1
+        if turn == 0:
+            return first
+        spare = self._spares.get(id(kit))
+        if spare is None:
+            spare = self._spares[id(kit)] = asyncio.run(self._prepare(kit))
+            spare.share_checks(first)  # the same template: the same catalog
+        return spare
 
     async def _prepare(self, kit: TenancyKit) -> TwoTenants:
         await self.server.ensure_role(kit.app_role)
@@ -67,9 +91,10 @@ class KitDatabases:
 
     @contextmanager
     def use(self, kit: TenancyKit) -> Iterator[TwoTenants]:
-        """The kit's database for one test; its rows are put back afterwards, on every path
-        (in the background: the next ``use()`` of the kit waits for it)."""
-        harness = self.prepare(kit)
+        """A database of the kit for one test; its rows are put back afterwards, on every
+        path (in the background: the next test on that clone waits for it)."""
+        harness = self._next(kit)
+        harness.settle()
         try:
             yield harness
         finally:
@@ -78,7 +103,8 @@ class KitDatabases:
     def close(self) -> None:
         """Drop this session's clones (templates stay, for the next session)."""
         failure: BaseException | None = None
-        for harness in self._prepared.values():
+        harnesses = [*self._prepared.values(), *self._spares.values()]
+        for harness in harnesses:
             try:
                 harness.settle()
             except RuntimeError as exc:  # reported once everything is dropped
@@ -86,10 +112,11 @@ class KitDatabases:
         if self._loop is not None:
             self._loop.close()  # its connections first: a database in use cannot be dropped
             self._loop = None
-        for harness in self._prepared.values():
+        for harness in harnesses:
             for database in harness.databases:
                 asyncio.run(self.server.drop(database))
         self._prepared.clear()
+        self._spares.clear()
         if failure is not None:
             raise failure
 

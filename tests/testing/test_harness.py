@@ -143,3 +143,32 @@ def test_a_failed_background_reset_is_reported_before_the_next_use(
         tenancy_databases.prepare(SETUPS["rls_correct"].kit)
     assert isinstance(caught.value.__cause__, OSError)
     tenancy_databases.prepare(SETUPS["rls_correct"].kit)  # reported once
+
+
+def test_two_clones_take_turns_and_each_test_starts_from_the_seeded_rows(
+    tenancy_databases: KitDatabases,
+) -> None:
+    """A test runs on one clone while the other's rows go back: every test still starts from
+    the seeded rows, whatever the test before it did."""
+    kit = SETUPS["rls_correct"].kit
+    (table,) = kit.metadata.sorted_tables
+    seen: list[TwoTenants] = []
+
+    async def rows(harness: TwoTenants) -> list[list[dict[str, object]]]:
+        return [await harness.rows(table, t) for t in (harness.a, harness.b)]
+
+    async def scribble(harness: TwoTenants) -> None:
+        async with harness.admin() as conn:
+            await conn.execute(update(table).values(body="scribbled"))
+
+    for _ in range(4):
+        with tenancy_databases.use(kit) as harness:
+            seen.append(harness)
+            assert asyncio.run(rows(harness)) == [
+                harness.seeded(table, t) for t in (harness.a, harness.b)
+            ]
+            asyncio.run(scribble(harness))
+    assert seen[0] is seen[2]
+    assert seen[1] is seen[3]
+    assert seen[0] is not seen[1]
+    assert seen[0].name != seen[1].name
