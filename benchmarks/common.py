@@ -166,3 +166,28 @@ def uvicorn_app(
     finally:
         process.terminate()
         process.wait(10)
+
+
+Calls = Callable[[httpx.AsyncClient], Callable[[], Awaitable[None]]]
+
+
+async def compare_over_http(
+    baseline: str, scoped: str, calls: Calls, rounds: int, requests: int, label: str = "scoped"
+) -> dict[str, object]:
+    """Interleaved rounds of ``calls`` (``requests`` each) against two servers, keep-alive,
+    after one warm-up round: their req/s, the ratio, the µs ``scoped`` adds per request."""
+    async with (
+        httpx.AsyncClient(base_url=baseline) as b,
+        httpx.AsyncClient(base_url=scoped) as s,
+    ):
+        runs = {"baseline": calls(b), label: calls(s)}
+        await interleave(1, runs)
+        times = await interleave(rounds, runs)
+    base_rps = requests / median(times["baseline"])
+    scoped_rps = requests / median(times[label])
+    return {
+        "baseline_rps": round(base_rps),
+        f"{label}_rps": round(scoped_rps),
+        "ratio": round(scoped_rps / base_rps, 3),
+        "added_us_per_request": round((1 / scoped_rps - 1 / base_rps) * 1e6, 1),
+    }

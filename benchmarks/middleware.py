@@ -28,6 +28,7 @@ from asgi_tenancy import (
 )
 from benchmarks.common import (
     asgi_call,
+    compare_over_http,
     http_scope,
     interleave,
     machine,
@@ -78,21 +79,9 @@ async def _over_http() -> dict[str, object]:
         uvicorn_app("benchmarks.middleware:plain_app", "/ping", _PROBE) as plain,
         uvicorn_app("benchmarks.middleware:tenancy_app", "/ping", _PROBE) as scoped,
     ):
-        async with (
-            httpx.AsyncClient(base_url=plain) as p,
-            httpx.AsyncClient(base_url=scoped) as t,
-        ):
-            runs = {"plain": _calls(p), "scoped": _calls(t)}
-            await interleave(1, runs)  # warm-up
-            times = await interleave(ROUNDS, runs)
-    plain_rps = HTTP_REQUESTS / median(times["plain"])
-    scoped_rps = HTTP_REQUESTS / median(times["scoped"])
-    return {
-        "baseline_rps": round(plain_rps),
-        "middleware_rps": round(scoped_rps),
-        "ratio": round(scoped_rps / plain_rps, 3),
-        "added_us_per_request": round((1 / scoped_rps - 1 / plain_rps) * 1e6, 1),
-    }
+        return await compare_over_http(
+            plain, scoped, _calls, ROUNDS, HTTP_REQUESTS, label="middleware"
+        )
 
 
 async def main() -> dict[str, object]:

@@ -57,6 +57,7 @@ from asgi_tenancy.sqlalchemy import (
 from benchmarks.common import (
     APP_ROLE,
     asgi_call,
+    compare_over_http,
     create_app_role,
     http_scope,
     interleave,
@@ -444,21 +445,7 @@ async def _over_http(name: str, app_url: URL) -> dict[str, object]:
         uvicorn_app(factory, "/items/1", probe, {**env, "BENCH_SIDE": "baseline"}) as plain,
         uvicorn_app(factory, "/items/1", probe, {**env, "BENCH_SIDE": "scoped"}) as scoped,
     ):
-        async with (
-            httpx.AsyncClient(base_url=plain) as p,
-            httpx.AsyncClient(base_url=scoped) as t,
-        ):
-            runs = {"baseline": _http_calls(p), "scoped": _http_calls(t)}
-            await interleave(1, runs)  # warm-up
-            times = await interleave(HTTP_ROUNDS, runs)
-    base_rps = HTTP_REQUESTS / median(times["baseline"])
-    scoped_rps = HTTP_REQUESTS / median(times["scoped"])
-    return {
-        "baseline_rps": round(base_rps),
-        "scoped_rps": round(scoped_rps),
-        "ratio": round(scoped_rps / base_rps, 3),
-        "added_us_per_request": round((1 / scoped_rps - 1 / base_rps) * 1e6, 1),
-    }
+        return await compare_over_http(plain, scoped, _http_calls, HTTP_ROUNDS, HTTP_REQUESTS)
 
 
 def _apps(setup: Setup, url: URL) -> tuple[AsyncEngine, FastAPI, FastAPI]:
