@@ -52,10 +52,11 @@ from benchmarks.common import (
     APP_ROLE,
     asgi_call,
     create_app_role,
-    interleave,
     machine,
-    median,
+    paired_figures,
+    paired_rounds,
     peak_rss_mb,
+    round_trips,
 )
 from benchmarks.strategies import _served, baseline_app, item_scope, scoped_app
 from benchmarks.wire import WireProxy
@@ -158,44 +159,21 @@ async def measure(admin_url: URL, app_url: URL, name: str) -> dict[str, object]:
     try:
         engine, plain, scoped = _apps(app_url, SCOPED[name])
         async with _served(scoped):  # type: ignore[arg-type]
-            runs = {
-                "baseline": lambda: _requests(plain, WARM_UP),
-                "scoped": lambda: _requests(scoped, WARM_UP),
-            }
-            await interleave(1, runs)
-            times = await interleave(
-                ROUNDS,
-                {
-                    "baseline": lambda: _requests(plain, REQUESTS),
-                    "scoped": lambda: _requests(scoped, REQUESTS),
-                },
+            times = await paired_rounds(
+                plain, scoped, _requests, rounds=ROUNDS, per_round=REQUESTS, warm_up=WARM_UP
             )
         await engine.dispose()
 
-        trips = {}
         async with WireProxy(host=app_url.host, port=app_url.port or 5432) as proxy:
             counted_engine, counted_plain, counted_scoped = _apps(
                 app_url.set(host="127.0.0.1", port=proxy.port), SCOPED[name]
             )
-            for label, app in (("baseline", counted_plain), ("scoped", counted_scoped)):
-                async with _served(app):  # type: ignore[arg-type]
-                    await _requests(app, 50)  # connect, prepare, warm caches
-                    before = proxy.counter.round_trips
-                    await _requests(app, COUNTED)
-                    trips[label] = (proxy.counter.round_trips - before) / COUNTED
+            apps = {"baseline": counted_plain, "scoped": counted_scoped}
+            trips = await round_trips(proxy.counter, apps, _requests, _served, COUNTED)
             await counted_engine.dispose()
     finally:
         await _tear_down(admin_url)
-
-    base_rps = REQUESTS / median(times["baseline"])
-    scoped_rps = REQUESTS / median(times["scoped"])
-    return {
-        "baseline_rps": round(base_rps),
-        "scoped_rps": round(scoped_rps),
-        "ratio": round(scoped_rps / base_rps, 3),
-        "added_us_per_request": round((1 / scoped_rps - 1 / base_rps) * 1e6, 1),
-        "round_trips_per_request": trips,
-    }
+    return {**paired_figures(times, REQUESTS), "round_trips_per_request": trips}
 
 
 MOVE_ROWS = 100_000

@@ -169,6 +169,58 @@ def uvicorn_app(
 
 
 Calls = Callable[[httpx.AsyncClient], Callable[[], Awaitable[None]]]
+#: ``requests(app, n)``: n requests to an in-process ASGI app, each asserted to succeed.
+Requests = Callable[[Any, int], Awaitable[None]]
+
+
+def paired_figures(
+    times: dict[str, list[float]], per_round: int, label: str = "scoped"
+) -> dict[str, object]:
+    """req/s of ``baseline`` and ``label`` from interleaved rounds, their ratio, the µs added."""
+    base_rps = per_round / median(times["baseline"])
+    scoped_rps = per_round / median(times[label])
+    return {
+        "baseline_rps": round(base_rps),
+        f"{label}_rps": round(scoped_rps),
+        "ratio": round(scoped_rps / base_rps, 3),
+        "added_us_per_request": round((1 / scoped_rps - 1 / base_rps) * 1e6, 1),
+    }
+
+
+async def paired_rounds(
+    plain: Any, scoped: Any, requests: Requests, *, rounds: int, per_round: int, warm_up: int
+) -> dict[str, list[float]]:
+    """One warm-up round, then ``rounds`` interleaved rounds of ``per_round`` requests each."""
+    await interleave(
+        1,
+        {"baseline": lambda: requests(plain, warm_up), "scoped": lambda: requests(scoped, warm_up)},
+    )
+    return await interleave(
+        rounds,
+        {
+            "baseline": lambda: requests(plain, per_round),
+            "scoped": lambda: requests(scoped, per_round),
+        },
+    )
+
+
+async def round_trips(
+    counter: Any,
+    apps: dict[str, Any],
+    requests: Requests,
+    serve: Callable[[Any], contextlib.AbstractAsyncContextManager[Any]],
+    counted: int,
+) -> dict[str, float]:
+    """Round trips per request of each app, counted on the wire (``counter``: a WireCounter)
+    after 50 requests that connect, prepare and warm the caches."""
+    trips = {}
+    for label, app in apps.items():
+        async with serve(app):
+            await requests(app, 50)
+            before = counter.round_trips
+            await requests(app, counted)
+            trips[label] = (counter.round_trips - before) / counted
+    return trips
 
 
 async def compare_over_http(
@@ -183,11 +235,4 @@ async def compare_over_http(
         runs = {"baseline": calls(b), label: calls(s)}
         await interleave(1, runs)
         times = await interleave(rounds, runs)
-    base_rps = requests / median(times["baseline"])
-    scoped_rps = requests / median(times[label])
-    return {
-        "baseline_rps": round(base_rps),
-        f"{label}_rps": round(scoped_rps),
-        "ratio": round(scoped_rps / base_rps, 3),
-        "added_us_per_request": round((1 / scoped_rps - 1 / base_rps) * 1e6, 1),
-    }
+    return paired_figures(times, requests, label)

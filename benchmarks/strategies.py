@@ -60,11 +60,12 @@ from benchmarks.common import (
     compare_over_http,
     create_app_role,
     http_scope,
-    interleave,
     machine,
-    median,
+    paired_figures,
+    paired_rounds,
     peak_rss_mb,
     postgres,
+    round_trips,
     uvicorn_app,
 )
 from benchmarks.wire import WireProxy
@@ -463,45 +464,23 @@ async def measure(name: str, admin_url: URL, app_url: URL) -> dict[str, object]:
     try:
         baseline_engine, plain, scoped = _apps(setup, app_url)
         async with _served(scoped):
-            await interleave(
-                1,
-                {
-                    "baseline": lambda: _requests(plain, WARM_UP),
-                    "scoped": lambda: _requests(scoped, WARM_UP),
-                },
-            )
-            times = await interleave(
-                ROUNDS,
-                {
-                    "baseline": lambda: _requests(plain, REQUESTS),
-                    "scoped": lambda: _requests(scoped, REQUESTS),
-                },
+            times = await paired_rounds(
+                plain, scoped, _requests, rounds=ROUNDS, per_round=REQUESTS, warm_up=WARM_UP
             )
         await baseline_engine.dispose()
 
-        trips = {}
         async with WireProxy(**_target(app_url)) as proxy:
             proxied = app_url.set(host="127.0.0.1", port=proxy.port, query={})
             counted_engine, counted_plain, counted_scoped = _apps(setup, proxied)
-            for label, app in (("baseline", counted_plain), ("scoped", counted_scoped)):
-                async with _served(app):
-                    await _requests(app, 50)  # connect, prepare, warm caches
-                    before = proxy.counter.round_trips
-                    await _requests(app, COUNTED)
-                    trips[label] = (proxy.counter.round_trips - before) / COUNTED
+            apps = {"baseline": counted_plain, "scoped": counted_scoped}
+            trips = await round_trips(proxy.counter, apps, _requests, _served, COUNTED)
             await counted_engine.dispose()
         over_http = await _over_http(name, app_url)
     finally:
         if setup.teardown is not None:
             await setup.teardown(admin_url)
-
-    base_rps = REQUESTS / median(times["baseline"])
-    scoped_rps = REQUESTS / median(times["scoped"])
     return {
-        "baseline_rps": round(base_rps),
-        "scoped_rps": round(scoped_rps),
-        "ratio": round(scoped_rps / base_rps, 3),
-        "added_us_per_request": round((1 / scoped_rps - 1 / base_rps) * 1e6, 1),
+        **paired_figures(times, REQUESTS),
         "round_trips_per_request": trips,
         "over_http": over_http,
     }
