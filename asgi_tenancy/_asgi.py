@@ -21,6 +21,10 @@ WS_POLICY_VIOLATION = 1008
 # Set on every http and websocket scope the middleware handled: an app can tell "no tenant
 # because the path is exempt" from "no tenant because the middleware is missing".
 MIDDLEWARE_SCOPE_KEY = "asgi_tenancy.middleware"
+# On every http scope of a tenant request: a list of no-argument coroutine functions the
+# middleware awaits, in order, before it forwards the response's start. A TenancyError one
+# raises is answered as a problem response instead (its raiser logs what must be logged).
+BEFORE_RESPONSE_KEY = "asgi_tenancy.before_response"
 _DIGITS = re.compile(r"[0-9]+")
 
 # True while a lifespan runs inside TenancyMiddleware: setup_tenancy's start-up check.

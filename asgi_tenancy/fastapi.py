@@ -6,8 +6,9 @@ protocol, which ``asgi_tenancy.sqlalchemy.TenantDatabase`` satisfies.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -25,6 +26,7 @@ from starlette.websockets import WebSocket
 
 from . import context
 from ._asgi import (
+    BEFORE_RESPONSE_KEY,
     MIDDLEWARE_SCOPE_KEY,
     PROBLEM_MEDIA_TYPE,
     WS_POLICY_VIOLATION,
@@ -93,8 +95,13 @@ def current_tenant(connection: HTTPConnection) -> Tenant:
 
 
 async def tenant_session(connection: HTTPConnection) -> AsyncIterator[AsyncSession]:
-    """Dependency: an ``AsyncSession`` bound to the request's tenant, holding its connection
-    (and its bound transaction) from before the endpoint runs; closed after the response."""
+    """Dependency: an ``AsyncSession`` bound to the request's tenant; closed after the response.
+
+    Its connection is taken by its first statement, as SQLAlchemy does. A response that starts
+    before the session holds one (a ``StreamingResponse``, whose body runs after the status)
+    takes it first, with its bound ``BEGIN``: a full pool or a dead connection is then a
+    problem response, never a 200 with a cut body.
+    """
     database = getattr(connection.app.state, _STATE_KEY, None)
     if database is None:
         raise IsolationConfigError(
@@ -103,22 +110,48 @@ async def tenant_session(connection: HTTPConnection) -> AsyncIterator[AsyncSessi
     _tenant_of(connection)  # refuse before touching the data layer
     try:
         async with database.session() as session:
-            # Now, before the status goes out (a StreamingResponse's body runs after it): the
-            # connection and its bound BEGIN, so a full pool or a dead connection is a problem
-            # response, never a 200 with a cut body. The round trip the first statement makes.
             hold = getattr(database, "hold_connection", None)
-            if hold is not None:  # a stand-in data layer may have none
+            before = connection.scope.get(BEFORE_RESPONSE_KEY)
+            if hold is None:  # a stand-in data layer may have none
+                yield session
+            elif before is not None and connection.scope["type"] == "http":
+                # Taken at the response's start, only if no statement took it by then: no
+                # greenlet and no round trip of its own on the common path.
+                hook = functools.partial(_hold_before_response, hold, session)
+                before.append(hook)
                 try:
-                    await hold(session)
-                except DatabaseUnavailable:
-                    # A pooled connection that died while idle: nothing of the endpoint ran
-                    # yet, so one more try on a fresh connection (bound like any) is safe.
-                    await session.invalidate()
-                    await hold(session)
-            yield session
+                    yield session
+                finally:  # a response that starts later (an error's) must not take one
+                    if hook in before:
+                        before.remove(hook)
+            else:  # a websocket (held from the accept on) or no middleware hook
+                await _hold(hold, session)
+                yield session
     except TenancyError as exc:
         # Logged here, once: after the first byte (a stream) no handler sees it any more.
         _log_failure(exc)
+        raise
+
+
+async def _hold(hold: Callable[[AsyncSession], Awaitable[None]], session: AsyncSession) -> None:
+    try:
+        await hold(session)
+    except DatabaseUnavailable:
+        if session.sync_session.identity_map or session.new or session.deleted:
+            raise  # what the endpoint loaded or added would be lost with the session
+        # A pooled connection that died while idle, and nothing in the session yet: one more
+        # try on a fresh connection (bound like any) is safe.
+        await session.invalidate()
+        await hold(session)
+
+
+async def _hold_before_response(
+    hold: Callable[[AsyncSession], Awaitable[None]], session: AsyncSession
+) -> None:
+    try:
+        await _hold(hold, session)
+    except TenancyError as exc:
+        _log_failure(exc)  # the middleware answers it; nothing else sees it
         raise
 
 

@@ -11,7 +11,13 @@ from typing import Any, TypeAlias
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._asgi import MIDDLEWARE_SCOPE_KEY, lifespan_through_middleware, reject, route_path
+from ._asgi import (
+    BEFORE_RESPONSE_KEY,
+    MIDDLEWARE_SCOPE_KEY,
+    lifespan_through_middleware,
+    reject,
+    route_path,
+)
 from .context import enter_request, exit_request
 from .errors import (
     IsolationConfigError,
@@ -27,6 +33,8 @@ from .tenant import Tenant
 __all__ = ["Authorize", "TenancyMiddleware"]
 
 Authorize: TypeAlias = Callable[[HTTPConnection, Tenant], bool | Awaitable[bool]]
+#: Awaited before a tenant request's response starts (``BEFORE_RESPONSE_KEY``).
+BeforeResponse: TypeAlias = Callable[[], Awaitable[None]]
 
 _log = logging.getLogger("asgi_tenancy.middleware")
 _EXEMPT_PATH = re.compile(r"(?:/[^/?#]+)+\Z")
@@ -102,10 +110,15 @@ class TenancyMiddleware:
             await reject(scope, receive, send, exc)
             return
         state = scope.get("state")
-        scope = {**scope, "state": {**state, "tenant": tenant} if state else {"tenant": tenant}}
+        before: list[BeforeResponse] = []
+        scope = {
+            **scope,
+            "state": {**state, "tenant": tenant} if state else {"tenant": tenant},
+            BEFORE_RESPONSE_KEY: before,
+        }
         token = enter_request(tenant)  # tenant_scope's rules, in one call
         try:
-            await self._run(scope, receive, send)
+            await self._run(scope, receive, send, before)
         finally:
             exit_request(token)
 
@@ -130,14 +143,23 @@ class TenancyMiddleware:
         if allowed is not True:  # only an explicit True lets the caller in
             raise TenantNotFound()
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _run(
+        self, scope: Scope, receive: Receive, send: Send, before: list[BeforeResponse] | None = None
+    ) -> None:
         # A TenancyError from downstream (no Starlette handler for it) still gets a problem
         # response while nothing has been sent; once started, it can only propagate.
         started = False
+        refused: TenancyError | None = None
 
         async def guarded_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, refused
             if message["type"] in _STARTS:
+                while before:  # what the response needs first (a stream's connection)
+                    try:
+                        await before.pop(0)()
+                    except TenancyError as exc:
+                        refused = exc
+                        raise
                 started = True
             await send(message)
 
@@ -146,9 +168,15 @@ class TenancyMiddleware:
         except TenancyError as exc:
             if started:
                 raise
-            await reject(scope, receive, send, exc)
-            if exc.status_code >= 500:
+            await reject(scope, receive, send, refused or exc)
+            if refused is None and exc.status_code >= 500:
                 raise
+        except Exception:
+            # Starlette's handlers wrap an error raised from inside send ("response already
+            # started", by their count): the refusal is answered, nothing was sent yet.
+            if refused is None or started:
+                raise
+            await reject(scope, receive, send, refused)
 
 
 _STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.close"})

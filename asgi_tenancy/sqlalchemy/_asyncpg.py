@@ -8,6 +8,7 @@ that must be a message of its own (``Binding.alone``, Citus) follows as a second
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 import asyncpg
@@ -26,6 +27,23 @@ class TenancyConnection(asyncpg.Connection):  # type: ignore[misc]
         withdraws both."""
         self._tenancy_pending = binding
         self._tenancy_alone = alone
+
+    def closed_by_server(self) -> bool:
+        """Whether the server has ended this idle connection (a restart, a terminated backend):
+        it is closed, or its socket is readable, since the server sends an idle connection
+        nothing but its FATAL error before it hangs up. One ``poll`` call, no round trip."""
+        if self.is_closed():
+            return True
+        transport = self._transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # the socket is already gone
+            return True
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109
         pending, alone = self._tenancy_pending, self._tenancy_alone

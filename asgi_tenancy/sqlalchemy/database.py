@@ -217,9 +217,20 @@ class TenantDatabase:
 
     async def hold_connection(self, session: AsyncSession) -> None:
         """Check out ``session``'s connection and send its bound ``BEGIN`` now, as a stream
-        needs before its status goes out (one greenlet hop, without the ``AsyncConnection``
-        proxy ``AsyncSession.connection()`` builds)."""
-        await greenlet_spawn(session.sync_session.connection)
+        needs before its status goes out; nothing when the session holds one already (no
+        greenlet hop: that costs a thread stack chunk, mapped and unmapped, per call).
+        Failures are ``TenancyError``s, as inside ``session()``."""
+        sync = session.sync_session
+        transaction = sync._transaction
+        if transaction is not None and transaction._connections:
+            return
+        try:
+            await greenlet_spawn(sync.connection)
+        except TRANSLATABLE as exc:
+            mapped = translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     @asynccontextmanager
     async def admin_session(self) -> AsyncIterator[AsyncSession]:

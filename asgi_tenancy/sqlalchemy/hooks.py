@@ -20,8 +20,9 @@ On each engine ``TenantDatabase`` (or a strategy) serves, once per engine:
   statement may leave session state (``hygiene.py``), and such a connection is marked; the
   strategy's own statement guard, if it has one; a streamed (server-side) result checks the
   scope on every fetch.
-- pool ``checkout``: a marked connection is replaced, never reused; ``checkin``: the binding
-  is forgotten; ``connect``: the strategy's once-per-connection SQL (the signing session).
+- pool ``checkout``: a marked connection is replaced, never reused, and so is one the server
+  closed while it was idle (asyncpg: ``TenancyConnection.closed_by_server``); ``checkin``: the
+  binding is forgotten; ``connect``: the strategy's once-per-connection SQL (the signing session).
   ``do_connect`` (asyncpg): the connection class that carries the binding.
 
 When a connection goes from one tenant to another, the first transaction of the new tenant
@@ -274,6 +275,10 @@ def _replace_dirty(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: An
         state.dirty = False
         # The pool closes this connection and checks out a fresh one in its place.
         raise exc.DisconnectionError("connection may carry session state: replaced")
+    closed = getattr(getattr(dbapi_connection, "driver_connection", None), "closed_by_server", None)
+    if closed is not None and closed():
+        # Ended by the server while idle: a fresh one now, not a failed first statement.
+        raise exc.DisconnectionError("the server closed this idle connection: replaced")
 
 
 def _forget_binding(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:

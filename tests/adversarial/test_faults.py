@@ -53,6 +53,16 @@ class Probe:
         async with self.admin.connect() as conn:
             await conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid or self.pid})
 
+    async def kill_and_wait(self, pid: int) -> None:
+        """Kill ``pid`` and wait until it has left ``pg_stat_activity`` (it sent its FATAL)."""
+        await self.kill(pid)
+        async with self.admin.connect() as conn:
+            async with asyncio.timeout(10):
+                while await conn.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
+                ):
+                    await conn.rollback()  # a fresh snapshot of pg_stat_activity
+
     async def kill_when_sleeping(self) -> None:
         """Kill the request's backend once it is inside ``pg_sleep`` (mid-query)."""
         await self.ready.wait()
@@ -97,6 +107,13 @@ def _app(database: TenantDatabase, probe: Probe) -> FastAPI:
 
     @app.get("/hold")
     async def hold(session: Session) -> int:
+        await session.execute(text("SELECT 1"))  # its connection is taken, and kept
+        probe.ready.set()
+        await probe.release.wait()
+        return 0
+
+    @app.get("/unused")
+    async def unused(session: Session) -> int:
         probe.ready.set()
         await probe.release.wait()
         return 0
@@ -199,14 +216,14 @@ async def test_a_backend_killed_mid_query_is_503_logged_once_and_the_pool_heals(
     await _healthy(client)
 
 
-async def test_a_backend_killed_between_requests_is_retried_once_on_a_fresh_connection(
+async def test_a_backend_killed_between_requests_is_replaced_at_checkout(
     served: tuple[httpx.AsyncClient, Probe, TenantDatabase],
 ) -> None:
     client, probe, _ = served
     first = await client.get("/pid", headers=HEADERS)
-    await probe.kill(first.json())
-    # The pooled connection is dead; its BEGIN fails before any statement of the endpoint ran,
-    # so the dependency takes a fresh connection (with its binding) once.
+    await probe.kill_and_wait(first.json())
+    # The pooled connection was ended by the server while idle: its checkout replaces it with
+    # a fresh one (bound like any), so no statement of the endpoint fails.
     second = await client.get("/pid", headers=HEADERS)
     assert second.status_code == 200
     assert second.json() != first.json()
@@ -259,6 +276,28 @@ async def test_a_stream_on_an_exhausted_pool_is_a_503_before_any_byte(
     streamed = await client.get("/stream", headers=HEADERS)
     assert streamed.status_code == 200
     assert streamed.text.splitlines() == [str(i) for i in range(1, ROWS_PER_TENANT + 1)]
+
+
+async def test_a_session_the_endpoint_never_uses_takes_no_connection(
+    served: tuple[httpx.AsyncClient, Probe, TenantDatabase], admin_engine: AsyncEngine
+) -> None:
+    client, probe, _ = served
+    idle = asyncio.create_task(client.get("/unused", headers=HEADERS))
+    await probe.ready.wait()
+    try:
+        # The pool holds one connection: the waiting request must not have it.
+        await _healthy(client)
+    finally:
+        probe.release.set()
+    assert (await idle).status_code == 200
+    async with admin_engine.connect() as conn:  # and its response did not take one either
+        busy = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE usename = 'tenancy_app' AND state LIKE 'idle in transaction%'"
+            )
+        )
+    assert busy == 0
 
 
 async def test_a_stream_whose_backend_dies_after_the_first_byte_is_cut_and_releases(
