@@ -20,6 +20,8 @@ On each engine ``TenantDatabase`` (or a strategy) serves, once per engine:
   statement may leave session state (``hygiene.py``), and such a connection is marked; the
   strategy's own statement guard, if it has one; a streamed (server-side) result checks the
   scope on every fetch.
+- a strategy whose guard rewrites statements (QueryScoping) gets the engine's ``Connection``
+  class, whose ``_execute_clauseelement`` calls ``guard.scope`` first (no engine event).
 - pool ``checkout``: a marked connection is replaced, never reused, and so is one the server
   closed while it was idle (asyncpg: ``TenancyConnection.closed_by_server``); ``checkin``: the
   binding is forgotten; ``connect``: the strategy's once-per-connection SQL (the signing session).
@@ -259,14 +261,35 @@ def _statement_hook(guard: StatementGuard | None, hygiene: Hygiene | None) -> An
     }
 
 
-def _scope_hook(guard: StatementGuard) -> Any:
-    def before_execute(
-        conn: Connection, statement: Any, multiparams: Any, params: Any, options: Any
-    ) -> Any:
-        bound = connection_state(conn.info).bound
-        return guard.scope(statement, multiparams, params, options, bound=bound)
+def _scoping_connection(guard: StatementGuard, base: type[Connection]) -> type[Connection]:
+    """The engine's ``Connection`` class when its strategy rewrites statements (QueryScoping's
+    Core writes): ``guard.scope`` runs where a ``before_execute`` listener would, before the
+    statement is compiled. Not an engine event: one engine-level listener makes SQLAlchemy
+    join an engine dispatcher to every connection and dispatch every engine event of every
+    statement (about 100,000 instructions a request). What it does not rewrite, the statement
+    check (``do_execute``) still judges."""
 
-    return before_execute
+    class ScopingConnection(base):  # type: ignore[valid-type,misc]
+        def _execute_clauseelement(
+            self, elem: Any, distilled_parameters: Any, execution_options: Any
+        ) -> Any:
+            bound = connection_state(self.info).bound
+            if bound is not None:
+                options = elem._execution_options.merge_with(
+                    self._execution_options, execution_options
+                )
+                single = len(distilled_parameters) == 1
+                multiparams = () if single else distilled_parameters
+                params = distilled_parameters[0] if single else {}
+                elem, multiparams, params = guard.scope(
+                    elem, multiparams, params, options, bound=bound
+                )
+                distilled_parameters = (
+                    list(multiparams) if multiparams else [params] if params else []
+                )
+            return super()._execute_clauseelement(elem, distilled_parameters, execution_options)
+
+    return ScopingConnection
 
 
 def _replace_dirty(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
@@ -358,7 +381,7 @@ def install(
     for name, listener in listeners.items():
         event.listen(sync_engine, name, listener)
     if guard is not None:
-        event.listen(sync_engine, "before_execute", _scope_hook(guard), retval=True)
+        sync_engine._connection_cls = _scoping_connection(guard, sync_engine._connection_cls)
     event.listen(sync_engine.pool, "checkin", _forget_binding)
     event.listen(sync_engine.pool, "checkout", _replace_dirty)
     if connect_sql is not None:

@@ -60,7 +60,8 @@ class StatementGuard(Protocol):
         *,
         bound: str | None,
     ) -> tuple[Any, Sequence[Mapping[str, Any]], Mapping[str, Any]]:
-        """``before_execute``: the statement and parameters to run instead (or the same)."""
+        """Before a Core statement is compiled on a tenant connection (where ``before_execute``
+        would run): the statement and parameters to run instead (or the same)."""
         ...
 
     def check(self, statement: str, context: Any, *, bound: str | None) -> None:

@@ -27,6 +27,7 @@ from asgi_tenancy import HeaderResolver, InMemoryTenantStore, TenancyMiddleware,
 from asgi_tenancy.errors import DatabaseUnavailable
 from asgi_tenancy.fastapi import setup_tenancy, tenant_session
 from asgi_tenancy.sqlalchemy import RowLevelSecurity, TenantDatabase
+from asgi_tenancy.sqlalchemy._asyncpg import TenancyConnection
 from asgi_tenancy.sqlalchemy.failures import translate
 from tests.adversarial.models import ROWS_PER_TENANT, Base, Project
 from tests.conftest import PgDatabase
@@ -311,6 +312,30 @@ async def test_a_stream_whose_backend_dies_after_the_first_byte_is_cut_and_relea
     assert isinstance(translate(raised.value.__cause__ or raised.value), DatabaseUnavailable)
     assert _tenancy_records(caplog)  # logged, with the cause
     await _healthy(client)  # the pool of one connection was released and heals
+
+
+async def test_closed_by_server_sees_a_terminated_idle_connection_and_only_that(
+    rls_database: PgDatabase, admin_engine: AsyncEngine
+) -> None:
+    dsn = rls_database.app_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    live = await asyncpg.connect(dsn, connection_class=TenancyConnection)
+    doomed = await asyncpg.connect(dsn, connection_class=TenancyConnection)
+    try:
+        assert not live.closed_by_server()
+        assert not doomed.closed_by_server()
+        # As in a checkout right after the kill: the event loop has not read the socket yet,
+        # so the driver does not know; the FATAL message and the hang-up wait in the socket.
+        doomed._transport.pause_reading()
+        await Probe(admin_engine).kill_and_wait(doomed.get_server_pid())
+        assert not doomed.is_closed()
+        assert doomed.closed_by_server()
+        assert not live.closed_by_server()
+        assert await live.fetchval("SELECT 1") == 1
+        assert not live.closed_by_server()  # an answered statement leaves nothing unread
+    finally:
+        await live.close()
+        doomed.terminate()
+    assert live.closed_by_server()  # closed by us counts too: it must not be checked out
 
 
 # -- the driver's conditions, one by one: what asyncpg raises when a connection breaks ----------

@@ -4,7 +4,7 @@ statement itself, whichever API built it.
 The check sits in the dialect's ``do_execute`` events (``hooks.py``) because they are what
 every SQLAlchemy path to the driver dispatches, after every ``before_cursor_execute`` listener
 (SQLAlchemy 2.1, ``engine/base.py``): ``Connection.execute``, ``exec_driver_sql`` and the
-column defaults run before an INSERT (both skip ``before_execute``), each batch of an
+column defaults run before an INSERT (both skip the rewrite below), each batch of an
 "insertmanyvalues" INSERT, the unit of work, and the legacy bulk methods.
 ``bulk_save_objects``, ``bulk_insert_mappings`` and ``bulk_update_mappings`` call
 ``persistence._emit_insert_statements`` and ``_emit_update_statements``, which hand Core
@@ -22,9 +22,11 @@ INSERT, UPDATE or DELETE of one tenant table that names no other tenant table, w
 ``tenant = :value`` ANDed at the top of its WHERE (UPDATE, DELETE), every row (INSERT) and every
 SET of the tenant column holding this tenant. Anything else is refused before it is sent.
 
-``before_execute`` (skippable, so a convenience only) puts the writes a tenant session's
-connection receives into that form: it ANDs the predicate into UPDATE and DELETE, and stamps
-INSERT rows that do not name the tenant. What it leaves as it was is decided by the check.
+The rewrite (a convenience only: the driver's own connection skips it) runs where a
+``before_execute`` listener would, in the engine's ``Connection`` class (``hooks.py``), and puts
+the writes a tenant session's connection receives into that form: it ANDs the predicate into
+UPDATE and DELETE, and stamps INSERT rows that do not name the tenant. What it leaves as it
+was is decided by the check.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class ScopingGate:
             return None
         return table
 
-    # -- before_execute: put Core writes into a form that confines itself -------------------
+    # -- before compilation: put Core writes into a form that confines itself --------------
 
     def scope(
         self,
