@@ -69,11 +69,14 @@ class TenantCriteria:
         extra: Iterable[Mapper[Any]] = (),
         *,
         beside: bool = False,
+        entities: Iterable[Mapper[Any]] | None = None,
     ) -> None:
         """Add the tenant predicate to ORM reads, updates and deletes; check ORM insert values.
 
         ``extra``: more mappers the statement names (an INSERT gets criteria for these only);
-        ``beside``: an UPDATE or DELETE may name entities besides its target at its top level.
+        ``beside``: an UPDATE or DELETE may name entities besides its target at its top level;
+        ``entities``: ``state.all_mappers`` when the caller has it already (it is read from
+        the statement's entities, which costs about as much as the rest of this call).
         """
         if state.is_insert:
             self._check_insert(state, tenant_id)
@@ -83,7 +86,8 @@ class TenantCriteria:
             return
         if state.is_update:
             self._check_update(state, tenant_id)
-        self._add_criteria(state, tenant_id, (*state.all_mappers, *extra))
+        top = state.all_mappers if entities is None else entities
+        self._add_criteria(state, tenant_id, (*top, *extra))
         if beside and not state.is_select:
             state.statement = self._scope_beside_target(state.statement, tenant_id)
 

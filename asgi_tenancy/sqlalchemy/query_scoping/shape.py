@@ -26,7 +26,16 @@ __all__ = ["SHAPE_CACHE_SIZE", "Shape", "cached_shape", "resolved", "shape_of"]
 class Shape:
     """What a statement touches, found by walking it once."""
 
-    __slots__ = ("beside", "fragment", "mappers", "nested_dml", "raw_tables", "tables", "target")
+    __slots__ = (
+        "beside",
+        "entities",
+        "fragment",
+        "mappers",
+        "nested_dml",
+        "raw_tables",
+        "tables",
+        "target",
+    )
 
     def __init__(self) -> None:
         self.tables: set[str] = set()
@@ -38,6 +47,9 @@ class Shape:
         self.target: str | None = None
         self.beside: set[str] = set()
         self.nested_dml: set[str] = set()  # tables written by DML inside the statement (CTEs)
+        # The statement's own entities (ORMExecuteState.all_mappers), filled on first use: a
+        # cache key fixes them as it fixes the rest.
+        self.entities: tuple[Mapper[Any], ...] | None = None
 
 
 # Custom operators (``column.op("...")``) render their string as SQL; only symbols are read as

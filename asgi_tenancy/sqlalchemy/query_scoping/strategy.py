@@ -64,6 +64,7 @@ class _ScopedCriteria(TenantCriteria):
         extra: Iterable[Mapper[Any]] = (),
         *,
         beside: bool = False,
+        entities: Iterable[Mapper[Any]] | None = None,
     ) -> None:
         if not state.is_orm_statement:
             return  # Core statements: the engine decides by what they are (gate.py)
@@ -77,7 +78,15 @@ class _ScopedCriteria(TenantCriteria):
             return
         # An INSERT gets criteria only for what it reads (subqueries in values(), RETURNING).
         found = shape.mappers if shape.beside or not state.is_insert else ()
-        super().apply(state, tenant_id, extra=(*extra, *found), beside=bool(shape.beside))
+        if shape.entities is None:  # the statement's own entities, once per shape
+            shape.entities = tuple(state.all_mappers)
+        super().apply(
+            state,
+            tenant_id,
+            extra=(*extra, *found),
+            beside=bool(shape.beside),
+            entities=shape.entities if entities is None else entities,
+        )
         state.update_execution_options(**{APPROVED: TOKEN})
 
 
