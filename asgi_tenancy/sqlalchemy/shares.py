@@ -215,14 +215,6 @@ class FairShares:
         """Per-tenant entries held now (bounded by ``max_tenants`` plus those in use)."""
         return len(self._shares)
 
-    def try_acquire(self, tenant_id: str) -> _Share | None:
-        """``acquire`` when no wait is needed (no coroutine); ``None`` when it would wait."""
-        share = self._share_of(tenant_id)
-        if share.held < share.limit and not share.waiters:
-            share.held += 1
-            return share
-        return None
-
     async def acquire(self, tenant: Tenant | str) -> _Share:
         """Take one of the tenant's share, waiting at most ``wait``; ``TenantOverShare`` then.
         A bare id gets the defaults (``EngineCache`` counts leases by id)."""

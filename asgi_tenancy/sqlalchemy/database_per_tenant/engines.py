@@ -23,18 +23,14 @@ import asyncio
 import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...errors import TenancyShuttingDown, TenantCapacityExceeded
 from ..shares import FairShares
-
-if TYPE_CHECKING:
-    from ..shares import _Share
 
 __all__ = ["EngineCache"]
 
@@ -59,28 +55,6 @@ class _Waiter:
     key: tuple[str, str]
     url: URL
     turn: asyncio.Future[_Entry | None]
-
-
-class _Lease:
-    """A lease granted at once (``EngineCache.lease``'s common case): given back on exit."""
-
-    __slots__ = ("_cache", "_entry", "_share")
-
-    def __init__(self, cache: EngineCache, entry: _Entry, share: _Share | None) -> None:
-        self._cache = cache
-        self._entry = entry
-        self._share = share
-
-    async def __aenter__(self) -> AsyncEngine:
-        return self._entry.ready.result()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        try:
-            self._cache._unlease(self._entry)
-        finally:
-            if self._share is not None:
-                assert self._cache._shares is not None
-                self._cache._shares.release(self._share)
 
 
 class EngineCache:
@@ -135,33 +109,14 @@ class EngineCache:
             self._changed.set()
             self._changed = None
 
-    def lease(
+    @asynccontextmanager
+    async def lease(
         self, tenant_id: str, url: URL, rendered: str | None = None
-    ) -> AbstractAsyncContextManager[AsyncEngine]:
+    ) -> AsyncIterator[AsyncEngine]:
         """The engine for ``(tenant_id, url)``, pinned until the block exits (``rendered``: the
         URL as a string with its password, when the caller has it already)."""
         if rendered is None:
             rendered = url.render_as_string(hide_password=False)
-        if not self._closed and not self._queue:
-            # The common case, without a coroutine: a ready engine and room in the share.
-            entry = self._entries.get((tenant_id, rendered))
-            ready = None if entry is None else entry.ready
-            if (
-                entry is not None
-                and ready is not None
-                and ready.done()
-                and not ready.cancelled()
-                and ready.exception() is None
-            ):
-                share = None if self._shares is None else self._shares.try_acquire(tenant_id)
-                if self._shares is None or share is not None:
-                    entry.leases += 1
-                    self._entries.move_to_end(entry.key)
-                    return _Lease(self, entry, share)
-        return self._lease(tenant_id, url, rendered)
-
-    @asynccontextmanager
-    async def _lease(self, tenant_id: str, url: URL, rendered: str) -> AsyncIterator[AsyncEngine]:
         share = None if self._shares is None else await self._shares.acquire(tenant_id)
         try:
             entry = await self._acquire((tenant_id, rendered), url)
