@@ -10,6 +10,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -117,7 +118,8 @@ async def tenant_session(connection: HTTPConnection) -> AsyncIterator[AsyncSessi
             elif before is not None and connection.scope["type"] == "http":
                 # Taken at the response's start, only if no statement took it by then: no
                 # greenlet and no round trip of its own on the common path.
-                hook = functools.partial(_hold_before_response, hold, session)
+                hook = functools.partial(_hold_before_response, hold, session, before)
+                _route_task.set(before)  # what the endpoint's own tasks see (contextvars)
                 before.append(hook)
                 try:
                     yield session
@@ -146,14 +148,23 @@ async def _hold(hold: Callable[[AsyncSession], Awaitable[None]], session: AsyncS
 
 
 async def _hold_before_response(
-    hold: Callable[[AsyncSession], Awaitable[None]], session: AsyncSession
+    hold: Callable[[AsyncSession], Awaitable[None]], session: AsyncSession, request: object
 ) -> None:
+    if _route_task.get() is not request:
+        # The status is sent from a task that is not the endpoint's (a BaseHTTPMiddleware
+        # between: it runs the endpoint and its body in a task of its own), so the body may
+        # be using the session right now, and one AsyncSession is not for two tasks. The
+        # body's first statement takes the connection instead.
+        return
     try:
         await _hold(hold, session)
     except TenancyError as exc:
         _log_failure(exc)  # the middleware answers it; nothing else sees it
         raise
 
+
+# The request (its before-response list) whose endpoint runs in this task or its children.
+_route_task: ContextVar[object] = ContextVar("asgi_tenancy_route_task", default=None)
 
 _LOGGED = "_asgi_tenancy_logged"
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 import httpx
@@ -399,3 +399,47 @@ async def test_a_refused_connection_is_unavailable() -> None:
     finally:
         await engine.dispose()
     assert isinstance(translate(raised.value), DatabaseUnavailable)
+
+
+# -- a task-splitting middleware inside TenancyMiddleware -----------------------------------
+
+
+async def test_streams_behind_a_base_http_middleware_share_no_session_across_tasks(
+    rls_database: PgDatabase, rls_strategy: RowLevelSecurity
+) -> None:
+    """``@app.middleware("http")`` (Starlette's ``BaseHTTPMiddleware``) inside TenancyMiddleware
+    runs the endpoint and its stream's body in a task of its own and sends the status from
+    another: the hold before the status must not use the session from that other task while
+    the body queries it."""
+    database = TenantDatabase(
+        rls_database.app_url,
+        rls_strategy,
+        engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.5},
+    )
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def stream(session: Session) -> StreamingResponse:
+        async def rows() -> AsyncIterator[str]:
+            for project in await session.scalars(select(Project).order_by(Project.id)):
+                yield f"{project.id}:{project.tenant_id}\n"
+
+        return StreamingResponse(rows(), media_type="text/plain")
+
+    @app.middleware("http")
+    async def passthrough(request: Any, call_next: Any) -> Any:
+        return await call_next(request)
+
+    tenants = InMemoryTenantStore([Tenant(id="acme"), Tenant(id="globex")])
+    app.add_middleware(TenancyMiddleware, resolvers=[HeaderResolver()], store=tenants)
+    setup_tenancy(app, database=database)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for tenant in ["acme", "globex"] * 10:
+                await database.engine.dispose()  # each checkout connects: it takes a while
+                response = await client.get("/stream", headers={"x-tenant-id": tenant})
+                assert response.status_code == 200, response.text
+                lines = response.text.splitlines()
+                assert len(lines) == ROWS_PER_TENANT
+                assert {line.split(":")[1] for line in lines} == {tenant}
