@@ -218,7 +218,7 @@ class TenantDatabase:
     async def hold_connection(self, session: AsyncSession) -> None:
         """Check out ``session``'s connection and send its bound ``BEGIN`` now, as a stream
         needs before its status goes out; nothing when the session holds one already (no
-        greenlet hop: that costs a thread stack chunk, mapped and unmapped, per call).
+        greenlet hop: each new greenlet maps and unmaps a frame-stack chunk).
         Failures are ``TenancyError``s, as inside ``session()``."""
         sync = session.sync_session
         transaction = sync._transaction
