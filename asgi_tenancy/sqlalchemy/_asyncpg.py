@@ -9,6 +9,7 @@ that must be a message of its own (``Binding.alone``, Citus) follows as a second
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -21,12 +22,19 @@ class TenancyConnection(asyncpg.Connection):  # type: ignore[misc]
 
     _tenancy_pending: str | None = None
     _tenancy_alone: str | None = None
+    _tenancy_sent: Callable[[], None] | None = None
 
-    def set_pending_binding(self, binding: str | None, alone: str | None = None) -> None:
+    def set_pending_binding(
+        self,
+        binding: str | None,
+        alone: str | None = None,
+        sent: Callable[[], None] | None = None,
+    ) -> None:
         """SQL to send with the next BEGIN only, and SQL sent alone right after it; ``None``
-        withdraws both."""
+        withdraws both. ``sent`` is called once the server has run them."""
         self._tenancy_pending = binding
         self._tenancy_alone = alone
+        self._tenancy_sent = sent
 
     def closed_by_server(self) -> bool:
         """Whether the server has ended this idle connection (a restart, a terminated backend):
@@ -50,13 +58,16 @@ class TenancyConnection(asyncpg.Connection):  # type: ignore[misc]
         if (pending is None and alone is None) or args or not query.startswith("BEGIN"):
             result: str = await super().execute(query, *args, timeout=timeout)
             return result
-        self._tenancy_pending = self._tenancy_alone = None
+        sent = self._tenancy_sent
+        self._tenancy_pending = self._tenancy_alone = self._tenancy_sent = None
         message = query if pending is None else f"{query.rstrip().rstrip(';')};{pending}"
         try:
             bound: str = await super().execute(message, timeout=timeout)
+            if sent is not None:
+                sent()
             if alone is not None:
                 await super().execute(alone, timeout=timeout)
-        except BaseException:
+        except BaseException as exc:
             # BEGIN ran, the binding did not: the server holds a transaction the driver does
             # not know it started. End it, so nothing runs in it and a pooler frees the server.
             if not self.is_closed():
@@ -64,5 +75,12 @@ class TenancyConnection(asyncpg.Connection):  # type: ignore[misc]
                     await super().execute("ROLLBACK")
                 except Exception:  # the connection is broken: the pool will drop it
                     self.terminate()
+            if isinstance(exc, asyncpg.PostgresError):
+                # The server refused the binding (no signing session, a tenant role gone): this
+                # connection cannot bind, so it is closed and replaced, and the caller told so.
+                self.terminate()
+                raise asyncpg.ConnectionDoesNotExistError(
+                    "the connection could not bind its transaction; it is replaced"
+                ) from exc
             raise
         return bound

@@ -84,7 +84,11 @@ class ConnectionState:
     used_by: str | None = None  # who used the session last: a tenant id, or _UNBOUND
     sequences: bool = False  # sequence values drawn since the last reset
     session_key: str | None = None  # the strategy's per-connection key (signing session)
-    counter: int = 0  # transactions bound on this connection (the signed binding's counter)
+    counter: int = 0  # bindings the server received (the signed binding's counter)
+
+    def sent(self) -> None:
+        """The binding made for ``counter + 1`` reached the server with its BEGIN."""
+        self.counter += 1
 
 
 def connection_state(info: dict[Any, Any]) -> ConnectionState:
@@ -103,6 +107,8 @@ def _bind_transaction(
     assert isinstance(session, TenantBoundSession)
     tenant_id = session.tenant.id
     check_scope(tenant_id)
+    if transaction.nested:
+        return  # a SAVEPOINT: the transaction around it is bound already
     state = connection_state(connection.info)
     state.bound = tenant_id
     statements: list[str] = []
@@ -115,21 +121,21 @@ def _bind_transaction(
     binding = session.binding
     alone = None
     if binding is not None:
-        state.counter += 1
-        statements.append(binding.for_transaction(state.session_key, state.counter))
+        # Counted when the server has it: a signed binding's counter moves in step with the
+        # server's, and a binding withdrawn unsent (a session that ran nothing) is not counted.
+        statements.append(binding.for_transaction(state.session_key, state.counter + 1))
         alone = binding.alone
     if not statements and alone is None:
         return
     driver = connection.connection.driver_connection
     set_pending = getattr(driver, "set_pending_binding", None)
     if set_pending is not None:
-        if alone is None:
-            set_pending(";".join(statements))  # inside the BEGIN message: no round trip
-        else:
-            set_pending(";".join(statements) or None, alone)  # and one message of its own
+        # Inside the BEGIN message (no round trip), and ``alone`` as one message of its own.
+        set_pending(";".join(statements) or None, alone, state.sent)
     else:
         for statement in statements if alone is None else [*statements, alone]:
             connection.exec_driver_sql(statement, execution_options=own_statement)
+        state.sent()
 
 
 def _on_execute(orm_state: ORMExecuteState) -> None:
@@ -344,7 +350,9 @@ def _on_connect(connect_sql: str) -> Any:
         finally:
             cursor.close()
         dbapi_connection.commit()  # what it made outlives this first transaction
-        connection_state(record.info).session_key = None if row is None else str(row[0])
+        state = connection_state(record.info)
+        state.session_key = None if row is None else str(row[0])
+        state.counter = 0  # a new session counts from its start (the signed binding's counter)
 
     return connect
 

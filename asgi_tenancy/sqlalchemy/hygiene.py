@@ -14,7 +14,9 @@ volatile ones known to leave no session state (``random``, ``clock_timestamp``,
 ``gen_random_uuid``, ``pg_sleep``, the transaction-level advisory locks). ``set_config`` is
 allowed only with a literal ``true`` (transaction-local) third argument. A statement that may
 draw sequence values (DML, ``nextval``) leaves ``SEQUENCES``: ``currval``/``lastval`` are
-session state, discarded when the connection next serves another tenant.
+session state, discarded when the connection next serves another tenant. ``nextval`` or
+``setval`` of a sequence not named by a plain string, or named like the signed binding's
+counter (``tenancy``), leaves ``SESSION``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ _PLAIN = frozenset(
 )
 _DEFAULTS = frozenset({"UpdateStmt", "MergeStmt"})  # SET col = DEFAULT may call nextval
 _SEQUENCE_FUNCTIONS = frozenset({"nextval", "currval", "lastval", "setval"})
+_DRAWING = frozenset({"nextval", "setval"})
 # Volatile, yet leaving no session state behind.
 SAFE_VOLATILE = frozenset(
     {
@@ -173,6 +176,8 @@ class Hygiene:
             args = call.get("args", ())
             local = len(args) == 3 and _boolean(args[2]) is True
             return Effect.NONE if local else Effect.SESSION
+        if name in _DRAWING:
+            return _drawn(call.get("args", ()))
         if name in _SEQUENCE_FUNCTIONS:
             return Effect.SEQUENCES
         if name in self.functions:
@@ -187,6 +192,8 @@ class Hygiene:
             if name is None:
                 continue  # a star or a subscript
             lowered = name.lower()
+            if lowered in _DRAWING:
+                return Effect.SESSION  # a sequence named by an expression: see _drawn
             if lowered in _SEQUENCE_FUNCTIONS:
                 return Effect.SEQUENCES
             if lowered in _KNOWN_VOLATILE and lowered not in self.functions:
@@ -239,6 +246,21 @@ def _nodes(node: Any) -> Iterator[tuple[str, Any]]:
                 stack.append(value)
         elif isinstance(current, list):
             stack.extend(current)
+
+
+def _drawn(args: Any) -> Effect:
+    """A sequence drawn by name: ``SEQUENCES``, unless the name is not a plain string (or a
+    string cast to ``regclass``) or may be the signed binding's counter, which each ``BEGIN``
+    draws in step with the application: a connection whose counter raw SQL moved is replaced
+    before it serves anyone else."""
+    first = args[0] if args else None
+    if isinstance(first, dict) and "TypeCast" in first:
+        first = first["TypeCast"].get("arg")
+    constant = first.get("A_Const") if isinstance(first, dict) else None
+    name = constant.get("sval", {}).get("sval") if isinstance(constant, dict) else None
+    if not isinstance(name, str) or "tenancy" in name.casefold():
+        return Effect.SESSION
+    return Effect.SEQUENCES
 
 
 def _string(node: Any) -> str | None:

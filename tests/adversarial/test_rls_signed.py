@@ -113,7 +113,7 @@ async def test_a_token_from_another_backend_is_worthless(
                 text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%globex:%'")
             )
             await s.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": stolen[0]})
-            with pytest.raises(DBAPIError, match="not signed for this transaction"):
+            with pytest.raises(DBAPIError, match="not signed for this connection"):
                 await s.execute(text("SELECT count(*) FROM projects"))
     finally:
         release.set()

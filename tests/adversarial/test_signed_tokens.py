@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import re
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,13 +24,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from asgi_tenancy import tenant_scope
+from asgi_tenancy.errors import DatabaseUnavailable
 from asgi_tenancy.sqlalchemy import TenantDatabase
 from asgi_tenancy.sqlalchemy._asyncpg import TenancyConnection
 from asgi_tenancy.sqlalchemy.rls.signing import Signer
 from tests.adversarial.deployments import Deployment, deployed
 from tests.conftest import APP_ROLE, PgServer
 
-_TOKEN = re.compile(r"tenancy_bind\('([^']+)'\)")
+_TOKEN = re.compile(r"= '([^':]+:[0-9]+:[0-9a-f]{64})'")
 
 
 @pytest.fixture(scope="module", params=["row-signed", "schema-hardened"])
@@ -51,10 +53,10 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     tokens: list[str] = []
     original = TenancyConnection.set_pending_binding
 
-    def spy(self: TenancyConnection, binding: str | None) -> None:
+    def spy(self: TenancyConnection, binding: str | None, *more: Any) -> None:
         if binding:
             tokens.extend(_TOKEN.findall(binding))
-        original(self, binding)
+        original(self, binding, *more)
 
     monkeypatch.setattr(TenancyConnection, "set_pending_binding", spy)
     return tokens
@@ -78,8 +80,8 @@ async def _acme_request(db: TenantDatabase, deployment: Deployment) -> None:
 async def _replay(
     db: TenantDatabase, deployment: Deployment, token: str, *before: str
 ) -> list[str]:
-    """globex's transaction binds acme's token and reads acme's rows; what it read."""
-    bind = text(f"SELECT {_signer(db).bind_function}(:token)")
+    """globex's transaction sets acme's token and reads acme's rows; what it read."""
+    bind = text("SELECT set_config(:setting, :token, true)").bindparams(setting=_signer(db).setting)
     async with tenant_scope(deployment.tenants["globex"]), db.session() as s:
         for statement in before:
             await s.execute(text(statement))
@@ -89,8 +91,16 @@ async def _replay(
 
 
 async def _refused(coroutine: object, reason: str) -> None:
-    with pytest.raises(DBAPIError, match=reason):
+    """The server refused, saying ``reason``: as the driver's error, or as the
+    ``DatabaseUnavailable`` of a connection that can bind no more (SQLSTATE 08T01)."""
+    with pytest.raises((DBAPIError, DatabaseUnavailable)) as refused:
         await coroutine  # type: ignore[misc]
+    error = refused.value
+    if isinstance(error, DatabaseUnavailable):
+        error = error.__cause__  # type: ignore[assignment]
+        assert isinstance(error, DBAPIError)
+        assert getattr(error.orig, "sqlstate", None) == "08T01"
+    assert re.search(reason, str(error))
 
 
 async def test_a_token_replayed_on_its_own_connection_was_used_before(
@@ -116,7 +126,7 @@ async def test_a_token_replayed_on_another_connection_belongs_to_another(
     other = deployment.make()
     await other.validate()
     try:
-        await _refused(_replay(other, deployment, captured[-1]), "another connection")
+        await _refused(_replay(other, deployment, captured[-1]), "not signed for this connection")
     finally:
         await other.dispose()
 
@@ -125,9 +135,9 @@ async def test_a_future_counter_with_a_forged_mac_is_refused(
     database: TenantDatabase, deployment: Deployment, captured: list[str]
 ) -> None:
     await _acme_request(database, deployment)
-    tenant, session, counter, _ = captured[-1].split(":")
-    forged = f"{tenant}:{session}:{int(counter) + 10}:{'0' * 64}"
-    await _refused(_replay(database, deployment, forged), "not signed by a known key")
+    tenant, counter, _ = captured[-1].split(":")
+    forged = f"{tenant}:{int(counter) + 10}:{'0' * 64}"
+    await _refused(_replay(database, deployment, forged), "not signed for this connection")
 
 
 async def test_discard_removes_the_signing_session_and_every_later_bind_fails(
@@ -150,13 +160,19 @@ async def test_the_bound_setting_copied_into_another_transaction_is_worthless(
             table = _items(deployment, "acme")
             return list((await s.execute(text(f"SELECT body FROM {table}"))).scalars())
 
-    await _refused(copy(), "not signed for this transaction")
+    await _refused(copy(), "used before")
 
 
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     forged=st.one_of(
         st.text(alphabet="acmeglobx0123456789:abcdef!-_.", max_size=120),
+        st.builds(
+            lambda t, c, m: f"{t}:{c}:{m}",
+            st.sampled_from(["acme", "globex", "", "acme:"]),
+            st.integers(min_value=-5, max_value=2**70).map(str),
+            st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+        ),
         st.builds(
             lambda t, s, c, m: f"{t}:{s}:{c}:{m}",
             st.sampled_from(["acme", "globex", "", "acme:"]),
@@ -194,7 +210,7 @@ async def test_tokens_read_from_pg_stat_activity_open_nothing(
         for _ in range(300):
             async with tenant_scope(deployment.tenants["globex"]), database.session() as s:
                 rows = await s.execute(
-                    text("SELECT query FROM pg_stat_activity WHERE query LIKE '%tenancy_bind(%'")
+                    text("SELECT query FROM pg_stat_activity WHERE query LIKE '%SET LOCAL%'")
                 )
                 seen.update(t for q in rows.scalars() for t in _TOKEN.findall(q or ""))
             if len(seen) >= 5:
@@ -209,7 +225,7 @@ async def test_tokens_read_from_pg_stat_activity_open_nothing(
         with pytest.raises(DBAPIError):
             await _replay(database, deployment, token)
     # The poll may catch none in a quiet run; the capture tests above hold either way.
-    assert all(t.count(":") == 3 for t in seen)
+    assert all(t.count(":") == 2 for t in seen)
 
 
 async def test_read_only_transactions_bind(
@@ -226,14 +242,106 @@ async def test_read_only_transactions_bind(
 async def test_a_raw_session_in_scope_binds_nothing(
     database: TenantDatabase, deployment: Deployment
 ) -> None:
-    """The bind function is callable by the app role; without a valid token it binds nothing."""
+    """A connection without a signing session: a token set by hand binds nothing."""
     engine = create_async_engine(database.engine.url.render_as_string(hide_password=False))
     try:
         async with AsyncSession(engine) as s:
-            bind = text(f"SELECT {_signer(database).bind_function}(:token)")
-            await s.execute(bind, {"token": "acme:x:1:y"})
+            bind = text("SELECT set_config(:setting, :token, true)")
+            await s.execute(bind, {"setting": _signer(database).setting, "token": "acme:1:y"})
             with pytest.raises(DBAPIError, match="asgi-tenancy"):
                 await s.execute(text(f"SELECT body FROM {_items(deployment, 'acme')}"))
     finally:
         await engine.dispose()
     assert APP_ROLE in database.engine.url.render_as_string()
+
+
+_MOVES = [
+    "SELECT nextval('pg_temp.tenancy_counter')",
+    "SELECT nextval('tenancy_counter'), nextval('tenancy_counter')",
+    "SELECT setval('pg_temp.tenancy_counter', 1)",
+    "SELECT setval('pg_temp.tenancy_key_1', 1)",
+    "ALTER SEQUENCE pg_temp.tenancy_counter RESTART WITH 1",
+    "DROP SEQUENCE pg_temp.tenancy_counter",
+    "DELETE FROM pg_temp.tenancy_session",
+    "DISCARD SEQUENCES",
+    "DISCARD TEMP",
+    "SELECT last_value FROM pg_temp.tenancy_key_1",
+    "SELECT pg_sequence_last_value('pg_temp.tenancy_key_1')",
+]
+
+
+@pytest.mark.parametrize("move", _MOVES)
+async def test_raw_sql_on_the_signing_session_never_opens_another_tenant(
+    database: TenantDatabase, deployment: Deployment, captured: list[str], move: str
+) -> None:
+    """Each move on the signing session's objects, in acme's transaction (then acme's last
+    token bound by hand): no row of globex is read, and the pool's one connection serves the
+    next requests of both tenants with their own rows (replaced when the move broke it)."""
+    table = _items(deployment, "globex")
+    read: list[str] = []
+    async with tenant_scope(deployment.tenants["acme"]), database.session() as s:
+        await s.execute(text("SELECT 1"))
+        try:
+            async with s.begin_nested():
+                await s.execute(text(move))
+        except DBAPIError:
+            pass  # refused by the server: what counts is what follows
+        try:
+            async with s.begin_nested():
+                await s.execute(
+                    text("SELECT set_config(:setting, :token, true)"),
+                    {"setting": _signer(database).setting, "token": captured[-1]},
+                )
+                read = list((await s.execute(text(f"SELECT body FROM {table}"))).scalars())
+        except (DBAPIError, DatabaseUnavailable):
+            pass
+    assert not [body for body in read if body.startswith("globex")]
+    for name in ("globex", "acme", "globex"):
+        async with tenant_scope(deployment.tenants[name]), database.session() as s:
+            try:
+                bodies = list((await s.execute(text("SELECT body FROM items"))).scalars())
+            except DatabaseUnavailable:  # the move left the connection unusable: replaced
+                bodies = list((await s.execute(text("SELECT body FROM items"))).scalars())
+        assert bodies
+        assert all(body.startswith(f"{name}-") for body in bodies)
+
+
+async def test_without_temporary_no_one_can_rebuild_the_signing_session(
+    database: TenantDatabase, deployment: Deployment, captured: list[str]
+) -> None:
+    """R018 holds the app role to no temporary object: after DISCARD TEMP it cannot make the
+    counter or the session key its own, so the token it knows binds nothing."""
+    await _acme_request(database, deployment)
+    for make in (
+        "CREATE TEMPORARY SEQUENCE tenancy_counter",
+        "CREATE TEMPORARY SEQUENCE tenancy_key_1",
+        "CREATE TEMPORARY TABLE tenancy_session (session_id text)",
+    ):
+        await _refused(
+            _replay(database, deployment, captured[-1], "DISCARD TEMP", make), "permission denied"
+        )
+
+
+async def test_a_begin_that_cannot_draw_its_counter_replaces_the_connection(
+    database: TenantDatabase, deployment: Deployment
+) -> None:
+    """The counter gone between two requests (dropped by the admin): the next BEGIN message
+    fails, so that request gets the 503 of a lost connection, the server is left in no
+    transaction, and the one after runs on a fresh connection with its own rows."""
+    async with tenant_scope(deployment.tenants["acme"]), database.session() as s:
+        pid = await s.scalar(text("SELECT pg_backend_pid()"))
+        schema = await s.scalar(text("SELECT pg_my_temp_schema()::regnamespace::text"))
+    admin = create_async_engine(deployment.admin_urls["acme"])
+    try:
+        async with admin.begin() as conn:
+            await conn.execute(text(f"DROP SEQUENCE {schema}.tenancy_counter"))
+    finally:
+        await admin.dispose()
+    with pytest.raises(DatabaseUnavailable):
+        async with tenant_scope(deployment.tenants["globex"]), database.session() as s:
+            await s.execute(text("SELECT body FROM items"))
+    async with tenant_scope(deployment.tenants["globex"]), database.session() as s:
+        bodies = list((await s.execute(text("SELECT body FROM items"))).scalars())
+        assert await s.scalar(text("SELECT pg_backend_pid()")) != pid
+    assert bodies
+    assert all(body.startswith("globex-") for body in bodies)

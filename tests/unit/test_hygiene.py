@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -178,9 +179,42 @@ def test_sequence_draws_are_noted_not_marked() -> None:
         "INSERT INTO projects (name) VALUES ($1) RETURNING id",
         "SELECT nextval('projects_id_seq')",
         "SELECT currval('projects_id_seq')",
-        "SELECT p.id.nextval FROM projects p",
+        "SELECT nextval('public.projects_id_seq'::regclass)",
+        "SELECT setval('projects_id_seq', 10)",
     ):
         assert HYGIENE.effect(sql) == Effect.SEQUENCES, sql
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "'pg_temp.tenancy_counter'",
+        "'tenancy_counter'",
+        "'PG_TEMP.TENANCY_COUNTER'",
+        "'\"tenancy_counter\"'",
+        "'pg_temp.tenancy_counter'::regclass",
+        "U&'\\0074enancy_counter'",
+        "E'\\x74enancy_counter'",
+        "16385",
+        "16385::regclass",
+        "'pg_temp.' || 'tenancy_counter'",
+        "(SELECT 'tenancy_counter')",
+        "format('%s', 'tenancy_counter')",
+        "$$tenancy_counter$$",
+        "$x$pg_temp.tenancy_counter$x$",
+    ],
+)
+@pytest.mark.parametrize("call", ["nextval({})", "pg_catalog.nextval({})", "setval({}, 1)"])
+def test_a_draw_that_may_move_the_signed_counter_marks_the_session(call: str, name: str) -> None:
+    """The signed binding's counter moves in step with the application; a draw of it (or of a
+    sequence named by anything but a plain string) gets the connection replaced."""
+    sql = f"SELECT {call.format(name)}"
+    assert HYGIENE.effect(sql) & Effect.SESSION, sql
+
+
+def test_a_draw_in_attribute_notation_marks_the_session() -> None:
+    assert HYGIENE.effect("SELECT p.id.nextval FROM projects p") & Effect.SESSION
+    assert HYGIENE.effect("SELECT (16385::regclass).nextval") & Effect.SESSION
 
 
 def test_an_empty_allow_list_marks_every_call() -> None:

@@ -1,28 +1,40 @@
 """The signed binding: a tenant raw or injected SQL can neither forge nor replay.
 
-Every transaction's ``BEGIN`` message carries ``SELECT <schema>.tenancy_bind('<token>')``.
-``tenancy_bind`` is a ``SECURITY DEFINER`` function owned by a role that can read a private key
-table the application role cannot; it checks the token's MAC, refuses a token used before, and
-binds the transaction: it sets the tenant setting to ``tenant:mac`` where that MAC covers the
-tenant, the server process and the transaction's start, so the value is worthless in any other
-transaction or session. The policies' ``tenancy_current_tenant()`` recomputes it on every
-statement. MACs are ``sha256(k || sha256(k || message))`` with PostgreSQL's built-in
-``sha256()`` (no pgcrypto): the outer hash over a secret prefix closes length extension.
+Every transaction's ``BEGIN`` message carries a token the application signed for that
+transaction. The policies' ``tenancy_current_tenant()`` is a ``SECURITY DEFINER`` function
+owned by a role that can read what the application role cannot (a private key table, the
+signing session's sequences); it admits the token's tenant only while the token is this
+transaction's, and raises otherwise. MACs are ``sha256(k || sha256(k || message))`` with
+PostgreSQL's built-in ``sha256()`` (no pgcrypto): the outer hash over a secret prefix closes
+length extension.
 
 Two ways to make a token single-use (``pooling``):
 
 - ``"none"`` (direct connections, the default): each new connection opens a *signing session*
-  (``connect_sql``): the owner's temporary table holds a session id and an owner's temporary
-  sequence the last counter accepted. A token is ``tenant:session:counter:mac``: it binds only
-  on that connection, and only once (the counter must grow; a sequence is not rolled back, and
-  temporary objects are writable in read-only transactions). Seen in ``pg_stat_activity`` or
-  captured, it is worthless: another backend has another session, this one a higher counter.
-  ``DISCARD`` drops the signing session and every later bind on that connection fails.
+  (``connect_sql``). The owner's temporary sequences hold a session key, derived from the
+  signing key and a random session id (``sha256(k || 'asgi-tenancy session key:' || sid)``,
+  16 bytes in two sequences the app role cannot read), and a counter. A token is
+  ``tenant:counter:mac``, MACed with the session key: it binds only on that connection. The
+  ``BEGIN`` message sets it (``SET LOCAL``) and draws the counter's next value (``nextval``);
+  the application counts in step, so a token is valid only while the counter shows its number,
+  that is in its own transaction, until the next ``BEGIN``. ``tenancy_current_tenant()``
+  checks the MAC and the counter on every statement, with plain function calls (no table is
+  read: a read costs the server an executor run). Seen in ``pg_stat_activity`` or captured, a
+  token is worthless: another connection has another session key, this one a higher counter.
+  A counter out of step (drawn by raw SQL, or a ``BEGIN`` that did not finish) or a missing
+  signing session (``DISCARD``) is SQLSTATE ``08T01``: the connection is replaced. A removed
+  key opens no new signing session; connections opened under it keep their session key until
+  they close.
 - ``"transaction"`` (behind PgBouncer in transaction mode, where a client never knows which
   server process runs its transaction): a token is ``tenant:issued_us:nonce:mac``; the nonce is
   recorded in an unlogged table of spent nonces (a write per transaction, so transactions must
   be read-write) and a token older than ``window`` seconds is refused. The app role's sessions
-  must not show their query text (``track_activities = off`` for the role, R020).
+  must not show their query text (``track_activities = off`` for the role, R020). The bound
+  setting is ``tenant:mac`` where that MAC covers the tenant, the server process and the
+  transaction's start; ``tenancy_current_tenant()`` recomputes it on every statement.
+
+Both rest on the app role creating no temporary object (R018): a role that could would drop
+the owner's with ``DISCARD TEMP`` and make its own.
 """
 
 from __future__ import annotations
@@ -42,14 +54,19 @@ from ...errors import IsolationConfigError
 from ..postgres import quote_ident, quote_literal
 from ..strategy import Binding
 
-__all__ = ["KEY_SCHEMA", "KEY_TABLE", "NONCE_TABLE", "Pooling", "Signer", "mac"]
+__all__ = ["COUNTER", "KEY_SCHEMA", "KEY_TABLE", "NONCE_TABLE", "Pooling", "Signer", "mac"]
 
 KEY_SCHEMA = "tenancy_private"
 KEY_TABLE = f"{KEY_SCHEMA}.binding_keys"
 NONCE_TABLE = f"{KEY_SCHEMA}.spent_nonces"
 Pooling = Literal["none", "transaction"]
 _REFUSE = re.compile(r"PERFORM REFUSE\('([^']*)'\);")
-_NO_SESSION = "none"  # a connection whose signing session was never opened: every bind fails
+#: The signing session's counter (the owner's temporary sequence; the BEGIN message draws it).
+COUNTER = "pg_temp.tenancy_counter"
+#: The SQLSTATE of a connection that cannot bind any more (no signing session, counter out of
+#: step): class 08, a connection exception, so the connection is replaced (``failures.py``).
+UNUSABLE = "08T01"
+_SESSION_KEYS = 4096  # session keys kept (one per live connection); cleared past it
 
 
 def mac(key: bytes, message: str) -> str:
@@ -73,8 +90,20 @@ class _SignedBinding(Binding):
         self._tenant_id = tenant_id
 
     def for_transaction(self, session_key: str | None, counter: int) -> str:
-        token = self._signer.token(self._tenant_id, session_key, counter)
-        return f"SELECT {self._signer.bind_function}({quote_literal(token)}){self.sql}"
+        return ";".join(self.statements(session_key, counter))
+
+    def statements(self, session_key: str | None, counter: int) -> list[str]:
+        """The transaction's statements, in order (one message, or one by one)."""
+        signer = self._signer
+        token = quote_literal(signer.token(self._tenant_id, session_key, counter))
+        if signer.pooling == "transaction":
+            return [f"SELECT {signer.bind_function}({token}){self.sql}"]
+        # No counter (no signing session): the BEGIN message fails and the connection is
+        # replaced (``TenancyConnection.execute``).
+        return [
+            f"SET LOCAL {signer.setting} = {token}",
+            f"SELECT pg_catalog.nextval({quote_literal(COUNTER)}){self.sql}",
+        ]
 
 
 class Signer:
@@ -106,11 +135,15 @@ class Signer:
         self.function = f"{schema}.tenancy_current_tenant"
         self.bind_function = f"{schema}.tenancy_bind"
         self.session_function = f"{schema}.tenancy_open_session"
+        self._session_keys: dict[str, bytes] = {}
 
     @property
     def connect_sql(self) -> str | None:
-        """Once per connection (direct connections only): open the signing session."""
-        return None if self.pooling == "transaction" else f"SELECT {self.session_function}()"
+        """Once per connection (direct connections only): open the signing session, whose
+        session key derives from this application's first key; it answers the session id."""
+        if self.pooling == "transaction":
+            return None
+        return f"SELECT {self.session_function}({quote_literal(key_id(self.keys[0]))})"
 
     def binding(self, tenant_id: str, extra: str = "") -> Binding:
         """The binding of ``tenant_id``; ``extra`` follows the bind call in the same SELECT."""
@@ -120,14 +153,28 @@ class Signer:
         if self.pooling == "transaction":
             issued = time.time_ns() // 1000
             message = f"{tenant_id}:{issued}:{secrets.token_hex(12)}"
-        else:
-            message = f"{tenant_id}:{session_key or _NO_SESSION}:{counter}"
-        return f"{message}:{mac(self.keys[0], message)}"
+            return f"{message}:{mac(self.keys[0], message)}"
+        message = f"{tenant_id}:{counter}"
+        return f"{message}:{mac(self._session_key(session_key), message)}"
+
+    def _session_key(self, session_id: str | None) -> bytes:
+        """What the signing session derived from the first key (no session: a key that
+        verifies nothing, so the server refuses every token)."""
+        if session_id is None:
+            return b""
+        derived = self._session_keys.get(session_id)
+        if derived is None:
+            seed = self.keys[0] + b"asgi-tenancy session key:" + session_id.encode()
+            derived = hashlib.sha256(seed).digest()[:16]
+            if len(self._session_keys) >= _SESSION_KEYS:
+                self._session_keys.clear()
+            self._session_keys[session_id] = derived
+        return derived
 
     # -- DDL -------------------------------------------------------------------------------
 
     def ddl(self) -> list[str]:
-        """The private schema and tables, then the three functions, in order (as the owner)."""
+        """The private schema and tables, then the functions, in order (as the owner)."""
         statements = [
             f"CREATE SCHEMA IF NOT EXISTS {KEY_SCHEMA}",
             f"REVOKE ALL ON SCHEMA {KEY_SCHEMA} FROM PUBLIC",
@@ -142,10 +189,15 @@ class Signer:
                 f"CREATE INDEX IF NOT EXISTS spent_nonces_issued_at ON {NONCE_TABLE} (issued_at)",
                 f"REVOKE ALL ON {NONCE_TABLE} FROM PUBLIC",
             ]
-        statements += [self._verify_ddl(), self._bind_ddl()]
-        if self.pooling == "none":
-            statements.append(self._session_ddl())
-        return statements
+            return [*statements, self._verify_ddl(), self._bind_ddl()]
+        return [
+            *statements,
+            # The signing session's first form (a session table, a bind call per transaction).
+            f"DROP FUNCTION IF EXISTS {self.bind_function}(text)",
+            f"DROP FUNCTION IF EXISTS {self.session_function}()",
+            self._session_verify_ddl(),
+            self._session_ddl(),
+        ]
 
     def _transaction_message(self) -> str:
         """What the bound setting's MAC covers: this server process, this transaction's start."""
@@ -155,7 +207,8 @@ class Signer:
         )
 
     def _verify_ddl(self) -> str:
-        # Read once per statement (an InitPlan); RESTRICTED: it reads the session's own state.
+        # Behind transaction pooling. Read once per statement (an InitPlan); RESTRICTED: it
+        # reads the session's own state.
         return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED
 SET search_path = pg_catalog, pg_temp AS $tenancy$
@@ -184,13 +237,12 @@ END
 $tenancy$"""
 
     def _bind_ddl(self) -> str:
-        # It never raises: it runs inside the BEGIN message, where an error would leave the
-        # server in a transaction the driver does not know it opened. A refused token binds
-        # '!reason' instead, and the first statement fails with that reason.
+        # Behind transaction pooling only. It never raises: it runs inside the BEGIN message,
+        # where an error would leave the server in a transaction the driver does not know it
+        # opened. A refused token binds '!reason' instead; the first statement fails with it.
         setting = quote_literal(self.setting)
-        if self.pooling == "transaction":
-            window, keep = self.window_us, self.window_us * 2 / 1e6
-            single_use = f"""  IF current_setting('transaction_read_only') = 'on' THEN
+        window, keep = self.window_us, self.window_us * 2 / 1e6
+        single_use = f"""  IF current_setting('transaction_read_only') = 'on' THEN
     PERFORM REFUSE('a signed binding behind transaction pooling needs a read-write transaction');
   END IF;
   IF part2 !~ '^[0-9]{{1,18}}$' OR parts[3] !~ '^[0-9a-f]{{24}}$' THEN
@@ -207,21 +259,6 @@ $tenancy$"""
   IF random() < 0.001 THEN  -- spent nonces past twice the window can never bind again
     DELETE FROM {NONCE_TABLE} WHERE issued_at < now() - make_interval(secs => {keep});
   END IF;"""
-        else:
-            single_use = """  IF to_regclass('pg_temp.tenancy_session') IS NULL
-     OR to_regclass('pg_temp.tenancy_counter') IS NULL THEN
-    PERFORM REFUSE('this connection has no signing session (a pooling proxy, or DISCARD)');
-  END IF;
-  IF (SELECT session_id FROM pg_temp.tenancy_session) IS DISTINCT FROM part2 THEN
-    PERFORM REFUSE('the binding token was signed for another connection');
-  END IF;
-  IF parts[3] !~ '^[0-9]{1,18}$' THEN
-    PERFORM REFUSE('malformed binding token');
-  END IF;
-  IF parts[3]::bigint <= (SELECT last_value FROM pg_temp.tenancy_counter) THEN
-    PERFORM REFUSE('the binding token was used before');
-  END IF;
-  PERFORM setval('pg_temp.tenancy_counter', parts[3]::bigint);"""
         ddl = f"""CREATE OR REPLACE FUNCTION {self.bind_function}(token text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp AS $tenancy$
@@ -258,23 +295,93 @@ $tenancy$"""
             lambda m: f"PERFORM set_config({setting}, '!{m[1]}', true); RETURN;", ddl
         )
 
+    def _session_verify_ddl(self) -> str:
+        # Direct connections. Once per statement (an InitPlan): a few function calls and two
+        # hashes, no table read; the reasons are worked out only for a refusal.
+        setting = quote_literal(self.setting)
+        counter = quote_literal(COUNTER)
+        return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED
+SET search_path = pg_catalog, pg_temp AS $tenancy$
+DECLARE
+  token text := current_setting({setting}, true);
+  parts text[] := string_to_array(token, ':');
+  counter bigint := pg_sequence_last_value(to_regclass({counter}));
+  k bytea;
+BEGIN
+  IF counter IS NOT NULL THEN  -- the session's objects exist (made together, dropped together)
+    k := int8send(pg_sequence_last_value('pg_temp.tenancy_key_1'::regclass))
+      || int8send(pg_sequence_last_value('pg_temp.tenancy_key_2'::regclass));
+  END IF;
+  IF parts[2] IS DISTINCT FROM counter::text
+     OR encode(sha256(k || sha256(k || convert_to(parts[1] || ':' || parts[2], 'UTF8'))), 'hex')
+        IS DISTINCT FROM parts[3]
+     OR array_length(parts, 1) IS DISTINCT FROM 3 THEN
+    IF token IS NULL OR token = '' THEN
+      RAISE EXCEPTION 'asgi-tenancy: no tenant is bound to this transaction'
+        USING ERRCODE = '42501', HINT = 'open sessions through TenantDatabase.session()';
+    END IF;
+    IF to_regclass({counter}) IS NULL THEN
+      RAISE EXCEPTION 'asgi-tenancy: this connection has no signing session'
+        USING ERRCODE = '{UNUSABLE}', HINT = 'a pooling proxy, or DISCARD';
+    END IF;
+    IF array_length(parts, 1) IS DISTINCT FROM 3 OR parts[2] !~ '^[0-9]{{1,18}}$' THEN
+      RAISE EXCEPTION 'asgi-tenancy: malformed binding token' USING ERRCODE = '42501';
+    END IF;
+    IF k IS NULL THEN
+      RAISE EXCEPTION 'asgi-tenancy: the binding token is not signed by a known key'
+        USING ERRCODE = '42501', HINT = 'install_keys() with the application''s first key';
+    END IF;
+    IF encode(sha256(k || sha256(k || convert_to(parts[1] || ':' || parts[2], 'UTF8'))), 'hex')
+       IS DISTINCT FROM parts[3] THEN
+      RAISE EXCEPTION 'asgi-tenancy: the binding token is not signed for this connection'
+        USING ERRCODE = '42501';
+    END IF;
+    IF parts[2]::bigint < counter THEN
+      RAISE EXCEPTION 'asgi-tenancy: the binding token was used before'
+        USING ERRCODE = '{UNUSABLE}';
+    END IF;
+    RAISE EXCEPTION 'asgi-tenancy: the binding token is ahead of this connection''s counter'
+      USING ERRCODE = '{UNUSABLE}';
+  END IF;
+  RETURN parts[1];
+END
+$tenancy$"""
+
     def _session_ddl(self) -> str:
-        return f"""CREATE OR REPLACE FUNCTION {self.session_function}() RETURNS text
+        # The session key is set in sequences after their creation: a sequence's START is in
+        # the catalog (pg_sequence), readable by anyone; its value is not.
+        return f"""CREATE OR REPLACE FUNCTION {self.session_function}(signing_key_id text)
+RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp AS $tenancy$
-DECLARE sid text;
+DECLARE
+  sid text;
+  k bytea;
+  derived bytea;
 BEGIN
   IF to_regclass('pg_temp.tenancy_session') IS NOT NULL THEN
     RETURN (SELECT session_id FROM pg_temp.tenancy_session);
   END IF;
   IF pg_my_temp_schema() <> 0 THEN
     RAISE EXCEPTION 'asgi-tenancy: the signing session of this connection was discarded'
-      USING ERRCODE = '42501', HINT = 'the connection must be replaced';
+      USING ERRCODE = '{UNUSABLE}', HINT = 'the connection must be replaced';
   END IF;
   sid := replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
   CREATE TEMPORARY TABLE tenancy_session (session_id text NOT NULL);
-  CREATE TEMPORARY SEQUENCE tenancy_counter MINVALUE 0 START 0;
   INSERT INTO pg_temp.tenancy_session VALUES (sid);
+  CREATE TEMPORARY SEQUENCE tenancy_counter MINVALUE 1 START 1;
+  GRANT USAGE ON SEQUENCE {COUNTER} TO PUBLIC;  -- each BEGIN draws it; nothing can rewind it
+  CREATE TEMPORARY SEQUENCE tenancy_key_1 MINVALUE -9223372036854775808;
+  CREATE TEMPORARY SEQUENCE tenancy_key_2 MINVALUE -9223372036854775808;
+  SELECT secret INTO k FROM {KEY_TABLE} WHERE key_id = signing_key_id;
+  IF k IS NOT NULL THEN  -- an unknown key leaves the session key unset: every token is refused
+    derived := sha256(k || convert_to('asgi-tenancy session key:' || sid, 'UTF8'));
+    PERFORM setval('pg_temp.tenancy_key_1',
+                   ('x' || encode(substr(derived, 1, 8), 'hex'))::bit(64)::bigint),
+            setval('pg_temp.tenancy_key_2',
+                   ('x' || encode(substr(derived, 9, 8), 'hex'))::bit(64)::bigint);
+  END IF;
   RETURN sid;
 END
 $tenancy$"""

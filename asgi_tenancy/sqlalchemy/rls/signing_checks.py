@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ...checks import Finding
 from .. import hooks
 from ..postgres import quote_ident
-from .signing import KEY_SCHEMA, KEY_TABLE
+from .signing import KEY_SCHEMA, KEY_TABLE, _SignedBinding
 
 if TYPE_CHECKING:
     from .signing import Signer
@@ -63,9 +63,8 @@ async def _private(conn: AsyncConnection) -> list[Finding]:
 async def _functions(signer: Signer, conn: AsyncConnection) -> list[Finding]:
     """R013: the verifying and binding functions exist, run as their owner, and the app role
     may call them. Read from the catalog by name: ``to_regprocedure`` needs schema USAGE."""
-    wanted = [signer.function, signer.bind_function]
-    if signer.pooling == "none":
-        wanted.append(signer.session_function)
+    second = signer.session_function if signer.pooling == "none" else signer.bind_function
+    wanted = [signer.function, second]
     names = [name.split(".", 1)[1] for name in wanted]
     schema = signer.function.split(".", 1)[0].strip('"')
     usable = {
@@ -115,7 +114,7 @@ async def _direct(signer: Signer, conn: AsyncConnection) -> list[Finding]:
         )
     owner = await conn.scalar(
         text("SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE oid = to_regprocedure(:s)"),
-        {"s": f"{signer.session_function}()"},
+        {"s": f"{signer.session_function}(text)"},
     )
     may = await conn.scalar(
         text("SELECT has_database_privilege(:owner, current_database(), 'TEMPORARY')"),
@@ -160,10 +159,12 @@ async def _accepted(signer: Signer, conn: AsyncConnection) -> list[Finding]:
     if signer.connect_sql is not None:  # the connection's signing session (idempotent)
         state.session_key = str(await conn.scalar(text(signer.connect_sql)))
     state.counter += 1
-    binding = signer.binding(_PROBE).for_transaction(state.session_key, state.counter)
+    binding = signer.binding(_PROBE)
+    assert isinstance(binding, _SignedBinding)
     try:
         async with conn.begin_nested() as savepoint:
-            await conn.execute(text(binding))
+            for statement in binding.statements(state.session_key, state.counter):
+                await conn.execute(text(statement))
             accepted = await conn.scalar(text(f"SELECT {signer.function}()"))
             await savepoint.rollback()
     except Exception:
