@@ -70,7 +70,8 @@ own_statement: Mapping[str, Any] = MappingProxyType({OWN_STATEMENT: True})
 
 
 _UNBOUND = "\x00unbound"  # ``used_by`` after a statement outside any tenant's transaction
-_RESET_LOCKS = "SELECT pg_catalog.pg_advisory_unlock_all()"
+_UNLOCK = "pg_catalog.pg_advisory_unlock_all()"
+_RESET_LOCKS = f"SELECT {_UNLOCK}"
 _RESET_SEQUENCES = "DISCARD SEQUENCES"
 
 
@@ -112,19 +113,27 @@ def _bind_transaction(
     state = connection_state(connection.info)
     state.bound = tenant_id
     statements: list[str] = []
-    if state.used_by is not None and state.used_by != tenant_id and state.hygienic:
-        statements.append(_RESET_LOCKS)
-        if state.sequences:
-            statements.append(_RESET_SEQUENCES)
-            state.sequences = False
+    unlock = state.used_by is not None and state.used_by != tenant_id and state.hygienic
+    if unlock and state.sequences:
+        statements.append(_RESET_SEQUENCES)
+        state.sequences = False
     state.used_by = tenant_id
     binding = session.binding
     alone = None
     if binding is not None:
         # Counted when the server has it: a signed binding's counter moves in step with the
         # server's, and a binding withdrawn unsent (a session that ran nothing) is not counted.
-        statements.append(binding.for_transaction(state.session_key, state.counter + 1))
+        counter = state.counter + 1
+        # The unlock rides in the binding's own SELECT where it has one: a statement less.
+        merged = binding.with_select(state.session_key, counter, _UNLOCK) if unlock else None
+        if merged is None:
+            if unlock:
+                statements.append(_RESET_LOCKS)
+            merged = binding.for_transaction(state.session_key, counter)
+        statements.append(merged)
         alone = binding.alone
+    elif unlock:
+        statements.append(_RESET_LOCKS)
     if not statements and alone is None:
         return
     driver = connection.connection.driver_connection

@@ -46,6 +46,11 @@ class Binding:
         answered on this connection, ``counter`` counts the connection's bound transactions."""
         return self.sql
 
+    def with_select(self, session_key: str | None, counter: int, items: str) -> str | None:
+        """``for_transaction`` with ``items`` (select-list expressions) in the binding's own
+        ``SELECT``; ``None`` when it has none to carry them."""
+        return None
+
 
 class StatementGuard(Protocol):
     """A strategy's own rule for every statement its engine runs; ``bound`` is the tenant the

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_tenancy import tenant_scope
-from asgi_tenancy.sqlalchemy import TenantDatabase
+from asgi_tenancy.sqlalchemy import TenantDatabase, hooks
 from tests.adversarial.deployments import KINDS, Deployment, deployed
 from tests.conftest import PgServer
 
@@ -175,3 +175,39 @@ async def _grant_sequence(deployment: Deployment) -> None:
                 await conn.execute(text("GRANT USAGE ON SEQUENCE public.leak_seq TO PUBLIC"))
         finally:
             await engine.dispose()
+
+
+async def test_an_advisory_lock_taken_inside_an_allowed_function_is_released_for_the_next_tenant(
+    deployment: Deployment, database: TenantDatabase
+) -> None:
+    """The application vouches for its function (``safe_functions``), which takes a session
+    advisory lock anyway: the connection is kept, and the next tenant's BEGIN releases it
+    (under the signed binding, in the same SELECT as the counter). A database per tenant
+    serves globex on another database: nothing of acme's is there."""
+    for tenant in ("acme", "globex"):
+        schema = deployment.items[tenant].rpartition(".")[0] or "public"
+        engine = create_async_engine(deployment.admin_urls[tenant])
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text(
+                        f"CREATE OR REPLACE FUNCTION {schema}.app_lock() RETURNS bigint"
+                        " LANGUAGE sql AS 'SELECT count(pg_advisory_lock(4343))'"
+                    )
+                )
+        finally:
+            await engine.dispose()
+    hygiene = hooks.hygiene_of(database.engine)
+    assert hygiene is not None
+    hygiene.with_functions([*hygiene.functions, "app_lock"])
+    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    async with tenant_scope(deployment.tenants["acme"]), database.session() as s:
+        await s.execute(text("SELECT app_lock()"))
+        pid = await s.scalar(text("SELECT pg_backend_pid()"))
+        assert await s.scalar(text(held)) == 1
+    async with tenant_scope(deployment.tenants["globex"]), database.session() as s:
+        next_pid = await s.scalar(text("SELECT pg_backend_pid()"))
+        assert await s.scalar(text(held)) == 0
+        bodies = list((await s.execute(text("SELECT body FROM items ORDER BY id"))).scalars())
+    assert bodies == await _admin_items(deployment, "globex")
+    assert (next_pid == pid) is (deployment.kind != "database")  # kept, not replaced

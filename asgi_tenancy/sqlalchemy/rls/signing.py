@@ -92,17 +92,21 @@ class _SignedBinding(Binding):
     def for_transaction(self, session_key: str | None, counter: int) -> str:
         return ";".join(self.statements(session_key, counter))
 
-    def statements(self, session_key: str | None, counter: int) -> list[str]:
-        """The transaction's statements, in order (one message, or one by one)."""
+    def with_select(self, session_key: str | None, counter: int, items: str) -> str | None:
+        return ";".join(self.statements(session_key, counter, f"{items}, "))
+
+    def statements(self, session_key: str | None, counter: int, items: str = "") -> list[str]:
+        """The transaction's statements, in order (one message, or one by one); ``items``
+        open the select list of its ``SELECT``."""
         signer = self._signer
         token = quote_literal(signer.token(self._tenant_id, session_key, counter))
         if signer.pooling == "transaction":
-            return [f"SELECT {signer.bind_function}({token}){self.sql}"]
+            return [f"SELECT {items}{signer.bind_function}({token}){self.sql}"]
         # No counter (no signing session): the BEGIN message fails and the connection is
         # replaced (``TenancyConnection.execute``).
         return [
             f"SET LOCAL {signer.setting} = {token}",
-            f"SELECT pg_catalog.nextval({quote_literal(COUNTER)}){self.sql}",
+            f"SELECT {items}pg_catalog.nextval({quote_literal(COUNTER)}){self.sql}",
         ]
 
 
