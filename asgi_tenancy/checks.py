@@ -40,6 +40,7 @@ CHECKS: Mapping[str, str] = MappingProxyType(
         "R020": "behind transaction pooling, the app role's query text is visible",
         "R021": "the application role lacks a grant on a table it serves (or its schema)",
         "R022": "the application role cannot use a sequence a tenant table draws from",
+        "R023": "the signing session's key or counter is open to the application role",
         "Q001": "a table has no tenant column and is not declared shared",
         "Q002": "a table declared shared has the tenant column",
         "Q003": "a shared table is not in the metadata",

@@ -28,6 +28,7 @@ from asgi_tenancy.errors import DatabaseUnavailable
 from asgi_tenancy.sqlalchemy import TenantDatabase
 from asgi_tenancy.sqlalchemy._asyncpg import TenancyConnection
 from asgi_tenancy.sqlalchemy.rls.signing import Signer
+from asgi_tenancy.sqlalchemy.rls.signing_checks import check_signer
 from tests.adversarial.deployments import Deployment, deployed
 from tests.conftest import APP_ROLE, PgServer
 
@@ -345,3 +346,54 @@ async def test_a_begin_that_cannot_draw_its_counter_replaces_the_connection(
         assert await s.scalar(text("SELECT pg_backend_pid()")) != pid
     assert bodies
     assert all(body.startswith("globex-") for body in bodies)
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        "SELECT last_value FROM pg_temp.tenancy_key_1",
+        "SELECT * FROM pg_temp.tenancy_key_2",
+        "SELECT pg_sequence_last_value('pg_temp.tenancy_key_1')",
+        "SELECT last_value FROM pg_sequences WHERE sequencename LIKE 'tenancy_key%'",
+        "SELECT currval('pg_temp.tenancy_key_1')",
+        "SELECT nextval('pg_temp.tenancy_key_2')",
+        "SELECT * FROM pg_temp.tenancy_session",
+    ],
+)
+async def test_the_session_key_cannot_be_read(
+    database: TenantDatabase, deployment: Deployment, read: str
+) -> None:
+    """The session key lives in two of the owner's sequences: the app role gets no value of
+    them (an error, or the view's NULL for a sequence it may not read)."""
+    refused: str | None = None
+    values: list[object] = []
+    async with tenant_scope(deployment.tenants["acme"]), database.session() as s:
+        try:
+            async with s.begin_nested():
+                values = [v for v in (await s.execute(text(read))).scalars() if v is not None]
+        except DBAPIError as exc:
+            refused = getattr(exc.orig, "sqlstate", None)
+    assert values == []
+    assert refused in {None, "42501", "55000"}  # none: pg_sequences shows NULL, not the value
+
+
+async def test_validate_finds_a_signing_session_the_app_role_can_read(
+    database: TenantDatabase, deployment: Deployment
+) -> None:
+    """The test database's owner grants the app role SELECT on every new sequence by default:
+    the signing session takes that back (the test above), and R023 finds it where it was not
+    (granted again here, as the admin, on a live connection's session)."""
+    async with database.engine.connect() as conn:
+        assert await check_signer(_signer(database), conn) == []
+        schema = await conn.scalar(text("SELECT pg_my_temp_schema()::regnamespace::text"))
+        await conn.commit()  # the grant below reaches this session's catalog cache in a new one
+        admin = create_async_engine(deployment.admin_urls["acme"])
+        try:
+            async with admin.begin() as grant:
+                await grant.execute(
+                    text(f"GRANT SELECT ON SEQUENCE {schema}.tenancy_key_1 TO {APP_ROLE}")
+                )
+        finally:
+            await admin.dispose()
+        findings = await check_signer(_signer(database), conn)
+    assert [f.code for f in findings] == ["R023"]

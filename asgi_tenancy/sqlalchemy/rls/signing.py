@@ -363,6 +363,8 @@ DECLARE
   sid text;
   k bytea;
   derived bytea;
+  grantee oid;
+  who text;
 BEGIN
   IF to_regclass('pg_temp.tenancy_session') IS NOT NULL THEN
     RETURN (SELECT session_id FROM pg_temp.tenancy_session);
@@ -375,9 +377,21 @@ BEGIN
   CREATE TEMPORARY TABLE tenancy_session (session_id text NOT NULL);
   INSERT INTO pg_temp.tenancy_session VALUES (sid);
   CREATE TEMPORARY SEQUENCE tenancy_counter MINVALUE 1 START 1;
-  GRANT USAGE ON SEQUENCE {COUNTER} TO PUBLIC;  -- each BEGIN draws it; nothing can rewind it
   CREATE TEMPORARY SEQUENCE tenancy_key_1 MINVALUE -9223372036854775808;
   CREATE TEMPORARY SEQUENCE tenancy_key_2 MINVALUE -9223372036854775808;
+  -- The owner's default privileges (ALTER DEFAULT PRIVILEGES ... ON SEQUENCES, ON TABLES)
+  -- reach temporary objects too: take back every grant they made, to anyone.
+  FOR grantee IN
+    SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
+    WHERE c.relnamespace = pg_my_temp_schema() AND a.grantee <> c.relowner
+      AND c.relname IN ('tenancy_session', 'tenancy_counter', 'tenancy_key_1', 'tenancy_key_2')
+  LOOP
+    who := CASE WHEN grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(grantee)) END;
+    EXECUTE format('REVOKE ALL ON TABLE pg_temp.tenancy_session FROM %s', who);
+    EXECUTE format('REVOKE ALL ON SEQUENCE pg_temp.tenancy_counter, pg_temp.tenancy_key_1,'
+                   ' pg_temp.tenancy_key_2 FROM %s', who);
+  END LOOP;
+  GRANT USAGE ON SEQUENCE {COUNTER} TO PUBLIC;  -- each BEGIN draws it; nothing can rewind it
   SELECT secret INTO k FROM {KEY_TABLE} WHERE key_id = signing_key_id;
   IF k IS NOT NULL THEN  -- an unknown key leaves the session key unset: every token is refused
     derived := sha256(k || convert_to('asgi-tenancy session key:' || sid, 'UTF8'));

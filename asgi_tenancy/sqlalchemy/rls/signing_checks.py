@@ -1,4 +1,5 @@
-"""The start-up checks of a signed binding (R012-R014, R017, R019, R020), as the app role."""
+"""The start-up checks of a signed binding (R012-R014, R017, R019, R020, R023), as the app
+role."""
 
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ async def _direct(signer: Signer, conn: AsyncConnection) -> list[Finding]:
                 " pooling='transaction' behind transaction pooling",
             )
         )
+    findings += await _session_closed(conn)
     owner = await conn.scalar(
         text("SELECT pg_get_userbyid(proowner) FROM pg_proc WHERE oid = to_regprocedure(:s)"),
         {"s": f"{signer.session_function}(text)"},
@@ -133,6 +135,34 @@ async def _direct(signer: Signer, conn: AsyncConnection) -> list[Finding]:
             )
         )
     return findings
+
+
+async def _session_closed(conn: AsyncConnection) -> list[Finding]:
+    """R023: on this connection's signing session, the app role may draw the counter and do
+    nothing else: no read of the key, no rewind of the counter, no write of the session id
+    (the owner's default privileges reach temporary objects; ``tenancy_open_session`` takes
+    their grants back)."""
+    opened = await conn.scalar(
+        text(
+            "SELECT has_sequence_privilege('pg_temp.tenancy_key_1', 'SELECT, USAGE, UPDATE')"
+            " OR has_sequence_privilege('pg_temp.tenancy_key_2', 'SELECT, USAGE, UPDATE')"
+            " OR has_sequence_privilege('pg_temp.tenancy_counter', 'UPDATE')"
+            " OR has_table_privilege('pg_temp.tenancy_session', 'INSERT, UPDATE, DELETE, TRUNCATE')"
+            " FROM (SELECT to_regclass('pg_temp.tenancy_key_1') IS NOT NULL AS made) s"
+            " WHERE s.made"
+        )
+    )
+    if not opened:
+        return []
+    return [
+        Finding(
+            "R023",
+            "tenancy_open_session",
+            "the application role can read the signing session's key or move its counter back",
+            "install the signed binding again (strategy.install() or its ddl()) as the owner, and"
+            " check the owner's ALTER DEFAULT PRIVILEGES",
+        )
+    ]
 
 
 async def _hidden_activity(conn: AsyncConnection) -> list[Finding]:
