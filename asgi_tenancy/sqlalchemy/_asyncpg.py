@@ -75,10 +75,11 @@ class TenancyConnection(asyncpg.Connection):  # type: ignore[misc]
                     await super().execute("ROLLBACK")
                 except Exception:  # the connection is broken: the pool will drop it
                     self.terminate()
+            # Whether the server ran the binding is unknown (a signed binding's counter may
+            # have moved), or it refused it (no signing session, a tenant role gone): this
+            # connection is closed and replaced.
+            self.terminate()
             if isinstance(exc, asyncpg.PostgresError):
-                # The server refused the binding (no signing session, a tenant role gone): this
-                # connection cannot bind, so it is closed and replaced, and the caller told so.
-                self.terminate()
                 raise asyncpg.ConnectionDoesNotExistError(
                     "the connection could not bind its transaction; it is replaced"
                 ) from exc
