@@ -8,6 +8,7 @@ that must be a message of its own (``Binding.alone``, Citus) follows as a second
 
 from __future__ import annotations
 
+import contextlib
 import select
 from collections.abc import Callable
 from typing import Any
@@ -71,10 +72,8 @@ class TenancyConnection(asyncpg.Connection):  # type: ignore[misc]
             # BEGIN ran, the binding did not: the server holds a transaction the driver does
             # not know it started. End it, so nothing runs in it and a pooler frees the server.
             if not self.is_closed():
-                try:
+                with contextlib.suppress(Exception):  # broken: closed below all the same
                     await super().execute("ROLLBACK")
-                except Exception:  # the connection is broken: the pool will drop it
-                    self.terminate()
             # Whether the server ran the binding is unknown (a signed binding's counter may
             # have moved), or it refused it (no signing session, a tenant role gone): this
             # connection is closed and replaced.
