@@ -72,14 +72,19 @@ class PgDatabase:
     app_role: str = APP_ROLE
 
 
-async def _admin_execute(server: PgServer, database: str, *statements: str) -> None:
-    engine = create_async_engine(server.url(database), isolation_level="AUTOCOMMIT")
+async def admin_run(url: str | URL, *statements: str) -> None:
+    """Run ``statements`` one by one on ``url`` (an admin's), each committed on its own."""
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as conn:
             for statement in statements:
                 await conn.execute(text(statement))
     finally:
         await engine.dispose()
+
+
+async def _admin_execute(server: PgServer, database: str, *statements: str) -> None:
+    await admin_run(server.url(database), *statements)
 
 
 def _start_pgserver() -> tuple[URL, object, str]:

@@ -36,6 +36,7 @@ from tests.conftest import (
     APP_ROLE,
     PgDatabase,
     PgServer,
+    admin_run,
     create_database,
     drop_database,
 )
@@ -714,7 +715,7 @@ def pooled_database(pg_server: PgServer) -> Iterator[PgDatabase]:
     try:
         asyncio.run(set_up_rls(db.admin_url, _pooled_strategy()))
         asyncio.run(
-            _admin(
+            admin_run(
                 db.admin_url,  # R020: no session of the app role shows its query text
                 f'ALTER ROLE {APP_ROLE} IN DATABASE "{db.name}" SET track_activities = off',
             )
@@ -722,16 +723,6 @@ def pooled_database(pg_server: PgServer) -> Iterator[PgDatabase]:
         yield db
     finally:
         drop_database(pg_server, db)
-
-
-async def _admin(url: str, *statements: str) -> None:
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
-    finally:
-        await engine.dispose()
 
 
 async def test_pooled_signed_binding_serves_every_tenant_on_any_server_connection(

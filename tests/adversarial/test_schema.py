@@ -48,7 +48,7 @@ from asgi_tenancy import (
 )
 from asgi_tenancy.errors import DatabaseNotValidated, TenantPlacementError
 from asgi_tenancy.sqlalchemy import Binding, FairShares, SchemaPerTenant, TenantDatabase
-from tests.conftest import APP_ROLE, PgDatabase
+from tests.conftest import APP_ROLE, PgDatabase, admin_run
 
 ROWS = 20
 ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
@@ -178,14 +178,7 @@ async def _server_version(admin_url: str) -> int:
 
 
 async def _set_inherit(admin_url: str, inherit: bool) -> None:
-    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(
-                text(f"ALTER ROLE {APP_ROLE} {'INHERIT' if inherit else 'NOINHERIT'}")
-            )
-    finally:
-        await engine.dispose()
+    await admin_run(admin_url, f"ALTER ROLE {APP_ROLE} {'INHERIT' if inherit else 'NOINHERIT'}")
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from asgi_tenancy.sqlalchemy._asyncpg import TenancyConnection
 from asgi_tenancy.sqlalchemy.rls.signing import Signer
 from asgi_tenancy.sqlalchemy.rls.signing_checks import check_signer
 from tests.adversarial.deployments import Deployment, deployed
-from tests.conftest import APP_ROLE, PgServer
+from tests.conftest import APP_ROLE, PgServer, admin_run
 
 _TOKEN = re.compile(r"= '([^':]+:[0-9]+:[0-9a-f]{64})'")
 
@@ -332,12 +332,7 @@ async def test_a_begin_that_cannot_draw_its_counter_replaces_the_connection(
     async with tenant_scope(deployment.tenants["acme"]), database.session() as s:
         pid = await s.scalar(text("SELECT pg_backend_pid()"))
         schema = await s.scalar(text("SELECT pg_my_temp_schema()::regnamespace::text"))
-    admin = create_async_engine(deployment.admin_urls["acme"])
-    try:
-        async with admin.begin() as conn:
-            await conn.execute(text(f"DROP SEQUENCE {schema}.tenancy_counter"))
-    finally:
-        await admin.dispose()
+    await admin_run(deployment.admin_urls["acme"], f"DROP SEQUENCE {schema}.tenancy_counter")
     with pytest.raises(DatabaseUnavailable):
         async with tenant_scope(deployment.tenants["globex"]), database.session() as s:
             await s.execute(text("SELECT body FROM items"))
@@ -387,13 +382,9 @@ async def test_validate_finds_a_signing_session_the_app_role_can_read(
         assert await check_signer(_signer(database), conn) == []
         schema = await conn.scalar(text("SELECT pg_my_temp_schema()::regnamespace::text"))
         await conn.commit()  # the grant below reaches this session's catalog cache in a new one
-        admin = create_async_engine(deployment.admin_urls["acme"])
-        try:
-            async with admin.begin() as grant:
-                await grant.execute(
-                    text(f"GRANT SELECT ON SEQUENCE {schema}.tenancy_key_1 TO {APP_ROLE}")
-                )
-        finally:
-            await admin.dispose()
+        await admin_run(
+            deployment.admin_urls["acme"],
+            f"GRANT SELECT ON SEQUENCE {schema}.tenancy_key_1 TO {APP_ROLE}",
+        )
         findings = await check_signer(_signer(database), conn)
     assert [f.code for f in findings] == ["R023"]
