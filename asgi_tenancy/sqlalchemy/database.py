@@ -171,9 +171,13 @@ class TenantDatabase:
         if hygiene is None:
             return
         sql, params = hygiene.allowed_sql()
+        locks_sql, locks_params = hygiene.session_locks_sql()
         async with self.engine.connect() as conn:
             names = (await conn.execute(text(sql), params)).scalars().all()
-        hygiene.with_functions([*names, *self._safe_functions])
+            can_lock = bool(await conn.scalar(text(locks_sql), locks_params))
+        # A function the application vouches for is not judged: it may take a lock unseen.
+        session_locks = can_lock or bool(self._safe_functions)
+        hygiene.with_functions([*names, *self._safe_functions], session_locks=session_locks)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:

@@ -82,6 +82,7 @@ class ConnectionState:
     bound: str | None = None  # tenant id of the open bound transaction
     dirty: bool = False  # a statement may have changed session state: replace at checkout
     hygienic: bool = False  # its engine judges statements (PostgreSQL): reset on tenant change
+    session_locks: bool = True  # and a session advisory lock may be held: released then too
     used_by: str | None = None  # who used the session last: a tenant id, or _UNBOUND
     sequences: bool = False  # sequence values drawn since the last reset
     session_key: str | None = None  # the strategy's per-connection key (signing session)
@@ -113,10 +114,11 @@ def _bind_transaction(
     state = connection_state(connection.info)
     state.bound = tenant_id
     statements: list[str] = []
-    unlock = state.used_by is not None and state.used_by != tenant_id and state.hygienic
-    if unlock and state.sequences:
+    changed = state.used_by is not None and state.used_by != tenant_id and state.hygienic
+    if changed and state.sequences:
         statements.append(_RESET_SEQUENCES)
         state.sequences = False
+    unlock = changed and state.session_locks
     state.used_by = tenant_id
     binding = session.binding
     alone = None
@@ -246,6 +248,7 @@ def _statement_hook(guard: StatementGuard | None, hygiene: Hygiene | None) -> An
             return
         if hygiene is not None:
             state.hygienic = True
+            state.session_locks = hygiene.session_locks
             effect = hygiene.effect(statement)
             if effect & Effect.SESSION:
                 state.dirty = True

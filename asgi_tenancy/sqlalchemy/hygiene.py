@@ -93,11 +93,33 @@ _ALLOWED_SQL = (
 )
 
 
+#: Whether the serving role, or a role it may ``SET ROLE`` to, can take a session-level
+#: advisory lock: only then can a lock outlive a request unseen (inside a function, trigger or
+#: view the statement text does not show), and a change of tenant must release them.
+_SESSION_LOCKS_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p, pg_catalog.pg_roles r"
+    " WHERE p.pronamespace = 'pg_catalog'::regnamespace"
+    " AND p.proname = ANY(:locks)"
+    " AND pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')"
+    " AND pg_catalog.has_function_privilege(r.oid, p.oid, 'EXECUTE'))"
+)
+SESSION_LOCKS = (
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+)
+
+
 class Hygiene:
-    """Verdicts for one engine's statements; ``functions`` is the allow-list (lower case)."""
+    """Verdicts for one engine's statements; ``functions`` is the allow-list (lower case).
+
+    ``session_locks``: whether a change of tenant releases session advisory locks; true
+    unless ``load`` found that the serving role cannot take them."""
 
     def __init__(self, functions: Iterable[str] = ()) -> None:
         self.functions = frozenset(name.lower() for name in functions)
+        self.session_locks = True
         self._verdicts: dict[str, Effect] = {}
 
     @classmethod
@@ -105,9 +127,16 @@ class Hygiene:
         """The catalogue query of the allow-list, and its parameters."""
         return _ALLOWED_SQL, {"volatile": sorted(SAFE_VOLATILE)}
 
-    def with_functions(self, functions: Iterable[str]) -> None:
-        """Take the allow-list read from the server (plus the application's own extras)."""
+    @classmethod
+    def session_locks_sql(cls) -> tuple[str, dict[str, Any]]:
+        """The catalogue query: can the serving role take a session advisory lock?"""
+        return _SESSION_LOCKS_SQL, {"locks": list(SESSION_LOCKS)}
+
+    def with_functions(self, functions: Iterable[str], *, session_locks: bool = True) -> None:
+        """Take the allow-list read from the server (plus the application's own extras), and
+        whether session advisory locks must be released on a change of tenant."""
         self.functions = frozenset(name.lower() for name in functions)
+        self.session_locks = session_locks
         self._verdicts.clear()
 
     def effect(self, sql: str) -> Effect:

@@ -19,8 +19,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_tenancy import tenant_scope
 from asgi_tenancy.sqlalchemy import TenantDatabase, hooks
+from asgi_tenancy.sqlalchemy.hygiene import SESSION_LOCKS
 from tests.adversarial.deployments import KINDS, Deployment, deployed
-from tests.conftest import PgServer
+from tests.conftest import APP_ROLE, PgServer, admin_run
 
 
 @dataclass(frozen=True)
@@ -211,3 +212,151 @@ async def test_an_advisory_lock_taken_inside_an_allowed_function_is_released_for
         bodies = list((await s.execute(text("SELECT body FROM items ORDER BY id"))).scalars())
     assert bodies == await _admin_items(deployment, "globex")
     assert (next_pid == pid) is (deployment.kind != "database")  # kept, not replaced
+
+
+# -- a role that cannot take session advisory locks -------------------------------------------
+
+#: Every overload of every session-level lock function, in several notations; also from a view,
+#: which the statement's text does not show.
+_LOCK_SPELLINGS = [
+    spelling
+    for name in SESSION_LOCKS
+    for spelling in (
+        f"SELECT {name}(4646)",
+        f"SELECT pg_catalog.{name}(46, 46)",
+        f'SELECT "{name}"(4646::bigint)',
+        f"SELECT (4646::bigint).{name}",
+        f"WITH x AS (SELECT {name}(4646) AS l) SELECT * FROM x",
+    )
+] + ["SELECT * FROM public.lock_view"]
+_HELD = (
+    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+    " WHERE l.locktype = 'advisory' AND a.usename = :role"
+)
+_SHARED = ("row", "row-signed", "schema", "schema-hardened")
+
+
+async def _revoke_session_locks(deployment: Deployment, *, grant: bool = False) -> None:
+    verb, direction = ("GRANT", "TO") if grant else ("REVOKE", "FROM")
+    loop = (
+        "DO $$DECLARE f regprocedure; BEGIN FOR f IN SELECT oid FROM pg_proc WHERE proname IN"
+        f" ({', '.join(repr(n) for n in SESSION_LOCKS)}) LOOP"
+        f" EXECUTE format('{verb} EXECUTE ON FUNCTION %s {direction} PUBLIC', f); END LOOP; END$$"
+    )
+    view = "CREATE OR REPLACE VIEW public.lock_view AS SELECT count(pg_advisory_lock(4747)) AS l"
+    for db in deployment.databases:
+        await admin_run(db.admin_url, loop, view, f"GRANT SELECT ON public.lock_view TO {APP_ROLE}")
+
+
+async def _releases_locks(db: TenantDatabase) -> bool:
+    """Validate ``db``: whether a change of tenant will release session advisory locks."""
+    await db.validate()
+    hygiene = hooks.hygiene_of(db.engine)
+    assert hygiene is not None
+    return hygiene.session_locks
+
+
+async def _locks_held(deployment: Deployment) -> int:
+    """Advisory locks the serving role's backends hold, anywhere on the server (as the admin)."""
+    engine = create_async_engine(deployment.databases[0].admin_url)
+    try:
+        async with engine.connect() as conn:
+            return int(await conn.scalar(text(_HELD), {"role": APP_ROLE}) or 0)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_role_that_cannot_take_session_locks_is_spared_the_release(
+    deployment: Deployment,
+) -> None:
+    """With every session-level lock function revoked from PUBLIC, validate() finds the role
+    cannot take one (a change of tenant then sends no release: a statement less per request),
+    and no spelling takes one: each is refused by the server, and the admin sees none held."""
+    await _revoke_session_locks(deployment)
+    db = deployment.make()
+    try:
+        assert await _releases_locks(db) is False
+        for spelling in _LOCK_SPELLINGS:
+            async with tenant_scope(deployment.tenants["acme"]), db.session() as s:
+                with pytest.raises(Exception, match="permission denied for function"):
+                    await s.execute(text(spelling))
+            assert await _locks_held(deployment) == 0, spelling
+        async with tenant_scope(deployment.tenants["globex"]), db.session() as s:
+            bodies = list((await s.execute(text("SELECT body FROM items ORDER BY id"))).scalars())
+        assert bodies == await _admin_items(deployment, "globex")
+    finally:
+        await db.dispose()
+        await _revoke_session_locks(deployment, grant=True)
+
+
+#: How the serving role reaches the role that may lock: a plain membership (its privileges are
+#: inherited), or through a NOINHERIT role (only ``SET ROLE`` reaches them).
+_MEMBERSHIPS = {
+    "inherited": [f"GRANT tenancy_locker TO {APP_ROLE}"],
+    "set role only": [
+        "CREATE ROLE tenancy_hop NOLOGIN NOINHERIT",
+        "GRANT tenancy_locker TO tenancy_hop",
+        f"GRANT tenancy_hop TO {APP_ROLE}",
+    ],
+}
+_LEAVE = [
+    f"REVOKE tenancy_locker FROM {APP_ROLE}",
+    "DROP ROLE IF EXISTS tenancy_hop",
+    "DROP ROLE tenancy_locker",
+]
+
+
+@pytest.mark.parametrize("membership", sorted(_MEMBERSHIPS))
+@pytest.mark.parametrize("deployment", _SHARED, indirect=True)  # tenants share connections
+async def test_a_role_that_may_become_one_that_locks_keeps_the_release(
+    deployment: Deployment, membership: str
+) -> None:
+    """Revoked from PUBLIC but granted to a role the serving role may become: ``SET LOCAL
+    ROLE`` and a view take a lock no statement text shows. validate() counts that role, and
+    the next tenant's BEGIN releases the lock (the admin sees it held, then gone)."""
+    await _revoke_session_locks(deployment)
+    urls = set(deployment.admin_urls.values())
+    grant = "GRANT EXECUTE ON FUNCTION pg_advisory_lock(bigint) TO tenancy_locker"
+    first = next(iter(urls))
+    await admin_run(first, "CREATE ROLE tenancy_locker NOLOGIN", *_MEMBERSHIPS[membership])
+    db = deployment.make()
+    try:
+        for url in urls:
+            await admin_run(url, grant, "GRANT SELECT ON public.lock_view TO tenancy_locker")
+        assert await _releases_locks(db) is True
+        async with tenant_scope(deployment.tenants["acme"]), db.session() as s:
+            pid = await s.scalar(text("SELECT pg_backend_pid()"))
+            await s.execute(text("SET LOCAL ROLE tenancy_locker"))
+            await s.execute(text("SELECT * FROM public.lock_view"))
+            await s.commit()
+        assert await _locks_held(deployment) == 1  # kept across the commit: a session lock
+        async with tenant_scope(deployment.tenants["globex"]), db.session() as s:
+            assert await s.scalar(text("SELECT pg_backend_pid()")) == pid  # the same connection
+            assert await _locks_held(deployment) == 0  # released by globex's BEGIN
+            bodies = list((await s.execute(text("SELECT body FROM items ORDER BY id"))).scalars())
+        assert bodies == await _admin_items(deployment, "globex")
+    finally:
+        await db.dispose()
+        for url in urls:
+            await admin_run(
+                url,
+                "REVOKE ALL ON public.lock_view FROM tenancy_locker",
+                "REVOKE EXECUTE ON FUNCTION pg_advisory_lock(bigint) FROM tenancy_locker",
+            )
+        await admin_run(first, *_LEAVE)
+        await _revoke_session_locks(deployment, grant=True)
+
+
+async def test_functions_the_application_vouches_for_keep_the_release(
+    deployment: Deployment,
+) -> None:
+    """``safe_functions`` are not judged, so they may lock unseen: with any declared, a change
+    of tenant releases locks even where the role itself cannot take them."""
+    await _revoke_session_locks(deployment)
+    db = deployment.make()
+    try:
+        db._safe_functions = ("app_function",)
+        assert await _releases_locks(db) is True
+    finally:
+        await db.dispose()
+        await _revoke_session_locks(deployment, grant=True)
