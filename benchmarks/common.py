@@ -176,13 +176,22 @@ Requests = Callable[[Any, int], Awaitable[None]]
 def paired_figures(
     times: dict[str, list[float]], per_round: int, label: str = "scoped"
 ) -> dict[str, object]:
-    """req/s of ``baseline`` and ``label`` from interleaved rounds, their ratio, the µs added."""
+    """req/s of ``baseline`` and ``label`` from interleaved rounds, and the µs added.
+
+    ``ratio`` is the *paired* ratio: the median over rounds of baseline time / scoped time in
+    the same round, so a slow stretch of the machine hits both sides of a pair alike.
+    ``ratio_of_medians`` (what this figure was before 2026-12-04) and the quartiles of the
+    per-round ratios come with it, to show the spread."""
     base_rps = per_round / median(times["baseline"])
     scoped_rps = per_round / median(times[label])
+    pairs = sorted(b / s for b, s in zip(times["baseline"], times[label], strict=True))
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
     return {
         "baseline_rps": round(base_rps),
         f"{label}_rps": round(scoped_rps),
-        "ratio": round(scoped_rps / base_rps, 3),
+        "ratio": round(median(pairs), 3),
+        "ratio_of_medians": round(scoped_rps / base_rps, 3),
+        "round_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "added_us_per_request": round((1 / scoped_rps - 1 / base_rps) * 1e6, 1),
     }
 

@@ -54,6 +54,7 @@ from asgi_tenancy.sqlalchemy import (
     SchemaPerTenant,
     TenantDatabase,
 )
+from asgi_tenancy.sqlalchemy.hygiene import SESSION_LOCKS
 from benchmarks.common import (
     APP_ROLE,
     asgi_call,
@@ -71,9 +72,13 @@ from benchmarks.common import (
 from benchmarks.wire import WireProxy
 
 # 5 strategies x (warm-up + ROUNDS x REQUESTS x 2 contenders + counted pass) must fit in ~90 s.
-ROUNDS, REQUESTS, WARM_UP, COUNTED = 9, 250, 200, 200
-HTTP_ROUNDS, HTTP_REQUESTS = 7, 500
-ITEMS, TENANTS = 100, ("acme", "globex")
+# Short rounds: the two sides of a pair run within a third of a second of each other.
+ROUNDS, REQUESTS, WARM_UP, COUNTED = 15, 150, 200, 200
+HTTP_ROUNDS, HTTP_REQUESTS = 11, 300
+# Requests read ids 1..ITEMS; each tenant has ROWS rows, analyzed once loaded: the planner
+# picks the primary-key index scan a real table gets, and no autovacuum ANALYZE half-way
+# through a run changes a plan (on 200 unanalyzed rows it flipped to a sequential scan).
+ITEMS, ROWS, TENANTS = 100, 5_000, ("acme", "globex")
 
 # Shared tables (row, row_signed, query): both tenants' rows in one table, ids colliding.
 metadata = MetaData()
@@ -199,7 +204,7 @@ def _rows(*, tenant_column: bool = True, tenant: str | None = None) -> list[dict
     return [
         {**({"tenant_id": t} if tenant_column else {}), "id": i, "name": f"{t}-{i}"}
         for t in ((tenant,) if tenant else TENANTS)
-        for i in range(1, ITEMS + 1)
+        for i in range(1, ROWS + 1)
     ]
 
 
@@ -217,6 +222,7 @@ async def _create_shared_tables(admin_url: URL, strategy: RowLevelSecurity | Non
             await strategy.install(conn)
         await conn.execute(insert(items), _rows())
         await conn.execute(insert(plain_items), _rows())
+        await conn.execute(text("ANALYZE items, items_plain"))
     await admin.dispose()
 
 
@@ -272,9 +278,22 @@ async def _set_up_query(admin_url: URL) -> Setup:
 
 
 async def _revoke_temporary(conn: Any, admin_url: URL) -> None:
+    """The recommended grants: no temporary objects (validate(): R018, S005) and, unless
+    ``BENCH_SESSION_LOCKS=granted``, no session advisory locks (docs/security.md), which spares
+    each change of tenant the release statement."""
     await conn.execute(
         text(f'REVOKE TEMPORARY ON DATABASE "{admin_url.database}" FROM PUBLIC, {APP_ROLE}')
     )
+    verb = "GRANT" if os.environ.get("BENCH_SESSION_LOCKS") == "granted" else "REVOKE"
+    direction = "TO" if verb == "GRANT" else "FROM"
+    functions = (
+        await conn.execute(
+            text("SELECT oid::regprocedure::text FROM pg_proc WHERE proname = ANY(:names)"),
+            {"names": list(SESSION_LOCKS)},
+        )
+    ).scalars()
+    for function in functions:
+        await conn.execute(text(f"{verb} EXECUTE ON FUNCTION {function} {direction} PUBLIC"))
 
 
 # -- schema per tenant --------------------------------------------------------------------------
@@ -326,6 +345,8 @@ async def _set_up_schema(admin_url: URL, *, hardened: bool = False) -> Setup:
             await strategy.create_tenant_schema(conn, Tenant(t), APP_ROLE)
             qualified = own_items.to_metadata(MetaData(), schema=schema)
             await conn.execute(insert(qualified), _rows(tenant_column=False, tenant=t))
+            await conn.execute(text(f'ANALYZE "{schema}".items'))
+        await conn.execute(text("ANALYZE items_plain"))
     await admin.dispose()
     return setup
 
@@ -370,6 +391,7 @@ async def _set_up_database(admin_url: URL) -> Setup:
             await conn.run_sync(own_metadata.create_all)
             await conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON items TO {APP_ROLE}"))
             await conn.execute(insert(own_items), _rows(tenant_column=False, tenant=t))
+            await conn.execute(text("ANALYZE items"))
         await tenant_admin.dispose()
     return _database()
 
