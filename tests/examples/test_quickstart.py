@@ -35,7 +35,7 @@ DATABASE = "myapp"
 
 def blocks() -> dict[str, str]:
     found = {title: body for title, body in BLOCK.findall(PAGE.read_text())}
-    expected = {"roles.sql", "myapp/models.py", "myapp/setup_db.py", "grants.sql"}
+    expected = {"roles.sql", "myapp/models.py", "myapp/setup_db.py", "grants.sql", "locks.sql"}
     assert expected | {"myapp/app.py", "try.sh"} <= set(found), sorted(found)
     return found
 
@@ -110,6 +110,7 @@ def test_the_quick_start_runs_as_written(cluster: PgServer, tmp_path: Path) -> N
     assert setup.process.wait(timeout=120) == 0, setup.output  # 3. as the owner
     setup.kill()
     asyncio.run(run_sql(owner, page["grants.sql"]))  # 4. as the owner
+    asyncio.run(run_sql(admin.set(database=DATABASE), page["locks.sql"]))  # as a superuser
 
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "myapp.app:app", "--port", str(port)]
@@ -127,6 +128,11 @@ def test_the_quick_start_runs_as_written(cluster: PgServer, tmp_path: Path) -> N
 
     rows = asyncio.run(fetch(admin.set(database=DATABASE), "SELECT id, tenant_id, name FROM items"))
     assert sorted(rows) == [(1, "acme", "anvil"), (2, "globex", "laser")]
+    session_locks = (  # the eight session-level lock functions, as the app role sees them
+        "SELECT has_function_privilege(oid, 'EXECUTE') FROM pg_proc"
+        " WHERE proname ~ '^pg_(try_)?advisory_lock'"
+    )
+    assert asyncio.run(fetch(app_role, session_locks)) == [(False,)] * 8
 
 
 @pytest.mark.parametrize(
