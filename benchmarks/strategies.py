@@ -215,7 +215,7 @@ async def _create_shared_tables(admin_url: URL, strategy: RowLevelSecurity | Non
     admin = create_async_engine(admin_url)
     async with admin.begin() as conn:
         await conn.execute(text("DROP TABLE IF EXISTS items, items_plain CASCADE"))
-        await _revoke_temporary(conn, admin_url)  # validate(): R018
+        await _recommended_grants(conn, admin_url)  # validate(): R018
         await conn.run_sync(metadata.create_all)
         await conn.run_sync(plain_metadata.create_all)
         if strategy is not None:
@@ -277,7 +277,7 @@ async def _set_up_query(admin_url: URL) -> Setup:
     return _query()
 
 
-async def _revoke_temporary(conn: Any, admin_url: URL) -> None:
+async def _recommended_grants(conn: Any, admin_url: URL) -> None:
     """The recommended grants: no temporary objects (validate(): R018, S005) and, unless
     ``BENCH_SESSION_LOCKS=granted``, no session advisory locks (docs/security.md), which spares
     each change of tenant the release statement."""
@@ -332,7 +332,7 @@ async def _set_up_schema(admin_url: URL, *, hardened: bool = False) -> Setup:
     async with admin.begin() as conn:
         # validate(): no tenant table name in public (S002, S003), no temporary tables (S005).
         await conn.execute(text("DROP TABLE IF EXISTS items, items_plain CASCADE"))
-        await _revoke_temporary(conn, admin_url)
+        await _recommended_grants(conn, admin_url)
         if hardened:  # the signed binding's functions live in the shared schema
             await conn.execute(text("CREATE SCHEMA IF NOT EXISTS shared"))
             await conn.execute(text(f"GRANT USAGE ON SCHEMA shared TO {APP_ROLE}"))

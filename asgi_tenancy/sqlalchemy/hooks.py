@@ -81,8 +81,8 @@ class ConnectionState:
 
     bound: str | None = None  # tenant id of the open bound transaction
     dirty: bool = False  # a statement may have changed session state: replace at checkout
-    hygienic: bool = False  # its engine judges statements (PostgreSQL): reset on tenant change
-    session_locks: bool = True  # and a session advisory lock may be held: released then too
+    hygiene: Hygiene | None = None  # its engine's statement judge (PostgreSQL): reset on a
+    # change of tenant (sequence state; session advisory locks, where the role may take them)
     used_by: str | None = None  # who used the session last: a tenant id, or _UNBOUND
     sequences: bool = False  # sequence values drawn since the last reset
     session_key: str | None = None  # the strategy's per-connection key (signing session)
@@ -114,11 +114,12 @@ def _bind_transaction(
     state = connection_state(connection.info)
     state.bound = tenant_id
     statements: list[str] = []
-    changed = state.used_by is not None and state.used_by != tenant_id and state.hygienic
+    hygiene = state.hygiene
+    changed = hygiene is not None and state.used_by is not None and state.used_by != tenant_id
     if changed and state.sequences:
         statements.append(_RESET_SEQUENCES)
         state.sequences = False
-    unlock = changed and state.session_locks
+    unlock = changed and hygiene is not None and hygiene.session_locks
     state.used_by = tenant_id
     binding = session.binding
     alone = None
@@ -247,8 +248,7 @@ def _statement_hook(guard: StatementGuard | None, hygiene: Hygiene | None) -> An
         if context.execution_options.get(OWN_STATEMENT):
             return
         if hygiene is not None:
-            state.hygienic = True
-            state.session_locks = hygiene.session_locks
+            state.hygiene = hygiene
             effect = hygiene.effect(statement)
             if effect & Effect.SESSION:
                 state.dirty = True

@@ -115,7 +115,7 @@ class Hygiene:
     """Verdicts for one engine's statements; ``functions`` is the allow-list (lower case).
 
     ``session_locks``: whether a change of tenant releases session advisory locks; true
-    unless ``load`` found that the serving role cannot take them."""
+    unless ``TenantDatabase.validate()`` found that the serving role cannot take them."""
 
     def __init__(self, functions: Iterable[str] = ()) -> None:
         self.functions = frozenset(name.lower() for name in functions)
