@@ -22,15 +22,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...errors import TenancyShuttingDown, TenantCapacityExceeded
 from ..shares import FairShares
+
+if TYPE_CHECKING:
+    from ..shares import _Share
 
 __all__ = ["EngineCache"]
 
@@ -109,25 +114,14 @@ class EngineCache:
             self._changed.set()
             self._changed = None
 
-    @asynccontextmanager
-    async def lease(
+    def lease(
         self, tenant_id: str, url: URL, rendered: str | None = None
-    ) -> AsyncIterator[AsyncEngine]:
+    ) -> AbstractAsyncContextManager[AsyncEngine]:
         """The engine for ``(tenant_id, url)``, pinned until the block exits (``rendered``: the
         URL as a string with its password, when the caller has it already)."""
         if rendered is None:
             rendered = url.render_as_string(hide_password=False)
-        share = None if self._shares is None else await self._shares.acquire(tenant_id)
-        try:
-            entry = await self._acquire((tenant_id, rendered), url)
-            try:
-                yield await asyncio.shield(entry.ready)
-            finally:
-                self._unlease(entry)
-        finally:
-            if share is not None:
-                assert self._shares is not None
-                self._shares.release(share)
+        return _Lease(self, tenant_id, (tenant_id, rendered), url)
 
     def _unlease(self, entry: _Entry) -> None:
         entry.leases -= 1
@@ -137,10 +131,14 @@ class EngineCache:
             self._notify()
             self._pump()
 
-    async def _acquire(self, key: tuple[str, str], url: URL) -> _Entry:
+    def _grant_now(self, key: tuple[str, str], url: URL) -> _Entry | None:
+        """A lease granted at once (nobody waits ahead), or ``None``: wait in line."""
         if self._closed:
             raise TenancyShuttingDown("the database layer is shutting down")
-        entry = None if self._queue else self._grant(key, url)
+        return None if self._queue else self._grant(key, url)
+
+    async def _acquire(self, key: tuple[str, str], url: URL, entry: _Entry | None) -> _Entry:
+        """``entry`` (from ``_grant_now``) or one granted in turn, once its engine is made."""
         if entry is None:
             entry = await self._wait_turn(key, url)
         try:
@@ -309,3 +307,64 @@ class EngineCache:
             await self._changed.wait()
         if self._disposals:
             await asyncio.gather(*list(self._disposals), return_exceptions=True)
+
+
+def _made(ready: asyncio.Future[AsyncEngine]) -> bool:
+    return ready.done() and not ready.cancelled() and ready.exception() is None
+
+
+class _Lease(AbstractAsyncContextManager[AsyncEngine]):
+    """One lease of ``EngineCache.lease``. An engine that is ready, with nobody waiting and no
+    per-tenant cap, is granted without a coroutine or a generator (once per request)."""
+
+    __slots__ = ("_cache", "_entry", "_key", "_share", "_tenant_id", "_url")
+
+    def __init__(self, cache: EngineCache, tenant_id: str, key: tuple[str, str], url: URL):
+        self._cache = cache
+        self._tenant_id = tenant_id
+        self._key = key
+        self._url = url
+        self._entry: _Entry | None = None
+        self._share: _Share | None = None
+
+    async def __aenter__(self) -> AsyncEngine:
+        cache = self._cache
+        shares = cache._shares
+        if shares is not None:
+            self._share = await shares.acquire(self._tenant_id)
+        try:
+            entry = cache._grant_now(self._key, self._url)
+            if entry is not None and _made(entry.ready):
+                self._entry = entry
+                return entry.ready.result()
+            entry = await cache._acquire(self._key, self._url, entry)
+            try:
+                engine = await asyncio.shield(entry.ready)
+            except BaseException:
+                cache._unlease(entry)
+                raise
+            self._entry = entry
+            return engine
+        except BaseException:
+            self._give_back_share()
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        entry, self._entry = self._entry, None
+        try:
+            if entry is not None:
+                self._cache._unlease(entry)
+        finally:
+            self._give_back_share()
+
+    def _give_back_share(self) -> None:
+        share, self._share = self._share, None
+        if share is not None:
+            shares = self._cache._shares
+            assert shares is not None
+            shares.release(share)
