@@ -172,9 +172,12 @@ class TenantDatabase:
             return
         sql, params = hygiene.allowed_sql()
         locks_sql, locks_params = hygiene.session_locks_sql()
+        # The library's own statements: not judged (the allow-list is not loaded yet, and
+        # its function calls would have this connection replaced).
+        own = hooks.own_statement
         async with self.engine.connect() as conn:
-            names = (await conn.execute(text(sql), params)).scalars().all()
-            can_lock = bool(await conn.scalar(text(locks_sql), locks_params))
+            names = (await conn.execute(text(sql), params, execution_options=own)).scalars().all()
+            can_lock = bool(await conn.scalar(text(locks_sql), locks_params, execution_options=own))
         # A function the application vouches for is not judged: it may take a lock unseen.
         session_locks = can_lock or bool(self._safe_functions)
         hygiene.with_functions([*names, *self._safe_functions], session_locks=session_locks)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_tenancy import tenant_scope
@@ -360,3 +360,21 @@ async def test_functions_the_application_vouches_for_keep_the_release(
     finally:
         await db.dispose()
         await _revoke_session_locks(deployment, grant=True)
+
+
+@pytest.mark.parametrize("deployment", ["row", "schema"], indirect=True)
+async def test_validation_connects_once(deployment: Deployment) -> None:
+    """validate()'s catalog reads (the allow-list, who may lock) are not judged, so they leave
+    their connection reusable: the strategy's checks run on it, no second connection is made
+    (behind PgBouncer a replacement may land on a server connection another client's session
+    used). The signed modes' checks open a signing session and draw its counter, and
+    DatabasePerTenant's call a volatile catalog function: those connections are replaced after,
+    as any that may carry session state."""
+    db = deployment.make()
+    connects: list[object] = []
+    event.listen(db.engine.sync_engine.pool, "connect", lambda *_: connects.append(1))
+    try:
+        await db.validate()
+    finally:
+        await db.dispose()
+    assert len(connects) == 1
