@@ -227,6 +227,8 @@ _LOCK_SPELLINGS = [
         f'SELECT "{name}"(4646::bigint)',
         f"SELECT (4646::bigint).{name}",
         f"WITH x AS (SELECT {name}(4646) AS l) SELECT * FROM x",
+        f"SELECT * FROM {name}(4646)",
+        f"VALUES ({name}(4646))",
     )
 ] + ["SELECT * FROM public.lock_view"]
 _HELD = (
