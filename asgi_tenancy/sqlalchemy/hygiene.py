@@ -28,7 +28,7 @@ from typing import Any
 
 from pglast import parser
 
-__all__ = ["CACHE_SIZE", "Effect", "Hygiene"]
+__all__ = ["CACHE_SIZE", "SESSION_LOCKS", "Effect", "Hygiene"]
 
 #: Distinct statement texts whose verdict is kept (about 200 bytes each); FIFO past it.
 CACHE_SIZE = 20_000
